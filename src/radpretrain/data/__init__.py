@@ -1,0 +1,1 @@
+"""Data stage: readers, intensity handling, de-identification, the store, splits, Dataset."""

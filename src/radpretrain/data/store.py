@@ -1,0 +1,191 @@
+"""The dataset store: sharded raw pixels plus one ``manifest.parquet``.
+
+Layout of a store folder::
+
+    DATASET/
+      store.json          format, pixel dtype, max side, counts
+      manifest.parquet    one row per *input* (ingested, duplicate or quarantined)
+      shards/*.bin        raw C-order pixel arrays, concatenated; no file per image
+      splits.parquet      written by ``radpretrain split``
+      qc_summary.json     written by ``radpretrain ingest``
+
+Pixels are stored after intensity handling, already in display orientation
+(bone bright), scaled from [0, 1] to the full range of the store's dtype
+(``uint8`` by default).  A row of the manifest points at its pixels with
+``shard`` (file name), ``offset`` (bytes) and ``height``/``width``.  Shards are
+memory-mapped, so random access costs one page-in and sequential streaming is
+a linear read.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from radpretrain.errors import UserError
+from radpretrain.utils import read_json, write_json
+
+STORE_FORMAT = "radpretrain-store"
+STORE_VERSION = 1
+SHARD_DIR = "shards"
+MANIFEST = "manifest.parquet"
+SPLITS = "splits.parquet"
+
+# Columns every manifest has (label columns come after these).
+MANIFEST_COLUMNS = [
+    "image_id", "patient_id", "study_id", "series_id", "modality", "body_part", "view",
+    "age_years", "sex", "height", "width", "orig_height", "orig_width", "source",
+    "source_format", "content_hash", "status", "reason", "shard", "offset",
+]
+STATUSES = ("ingested", "duplicate", "quarantined")
+
+
+def to_stored(img01: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """Scale a float image in [0, 1] to the store's integer dtype (rounded, clipped)."""
+    info = np.iinfo(dtype)
+    x = np.clip(np.asarray(img01, dtype=np.float32), 0.0, 1.0) * info.max
+    return np.rint(x).astype(dtype)
+
+
+def from_stored(arr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_stored`: float32 in [0, 1]."""
+    return arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
+
+
+class ShardWriter:
+    """Append images to one shard file; the file appears under its final name only on close.
+
+    A writer killed midway leaves only ``*.tmp`` behind, which readers ignore
+    and the next ingest removes.
+    """
+
+    def __init__(self, path: str | Path, dtype=np.uint8):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self._f = open(self.tmp, "wb")
+        self.offset = 0
+        self.count = 0
+
+    def append(self, img: np.ndarray) -> int:
+        """Write one 2-D image (already in the store dtype); return its byte offset."""
+        a = np.ascontiguousarray(img)
+        if a.ndim != 2 or a.dtype != self.dtype:
+            raise ValueError(f"expected a 2-D {self.dtype} array, got {a.dtype} {a.shape}")
+        off = self.offset
+        self._f.write(a.tobytes())
+        self.offset += a.nbytes
+        self.count += 1
+        return off
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_store_meta(root: str | Path, dtype="uint8", max_size: int = 512, **extra) -> None:
+    meta = {"format": STORE_FORMAT, "version": STORE_VERSION, "dtype": str(np.dtype(dtype)), "max_size": int(max_size)}
+    meta.update(extra)
+    write_json(Path(root) / "store.json", meta)
+
+
+def write_manifest(root: str | Path, df: pd.DataFrame) -> Path:
+    """Write ``manifest.parquet`` atomically."""
+    path = Path(root) / MANIFEST
+    tmp = path.with_name(".manifest.parquet.tmp")
+    df.reset_index(drop=True).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+class Store:
+    """Read access to a dataset store.
+
+    ``store.manifest`` has every input; ``store.images`` only the ingested rows
+    (index 0..N-1, the order that :meth:`read` and the Dataset use).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "store.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.root}: not a radpretrain dataset store (no store.json); create one with 'radpretrain ingest'")
+        self.meta = read_json(meta_path)
+        if self.meta.get("format") != STORE_FORMAT:
+            raise UserError(f"{meta_path}: unknown store format {self.meta.get('format')!r}")
+        if not (self.root / MANIFEST).is_file():
+            raise UserError(f"{self.root}: no {MANIFEST}; the ingest did not finish (run it again to resume)")
+        self.dtype = np.dtype(self.meta.get("dtype", "uint8"))
+        self._maps: dict[str, np.memmap] = {}
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / MANIFEST)
+
+    @cached_property
+    def images(self) -> pd.DataFrame:
+        df = self.manifest
+        return df[df["status"] == "ingested"].reset_index(drop=True)
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [c for c in self.manifest.columns if c not in MANIFEST_COLUMNS]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _map(self, shard: str) -> np.memmap:
+        m = self._maps.get(shard)
+        if m is None:
+            path = self.root / SHARD_DIR / shard
+            if not path.is_file():
+                raise UserError(f"{path}: shard missing from the store")
+            m = np.memmap(path, dtype=self.dtype, mode="r")
+            self._maps[shard] = m
+        return m
+
+    def read(self, i: int) -> np.ndarray:
+        """Stored pixels of ingested image ``i`` (a read-only view in the store dtype)."""
+        row = self.images.iloc[i]
+        return self.read_row(row)
+
+    def read_row(self, row) -> np.ndarray:
+        h, w = int(row["height"]), int(row["width"])
+        start = int(row["offset"]) // self.dtype.itemsize
+        m = self._map(str(row["shard"]))
+        return np.asarray(m[start : start + h * w]).reshape(h, w)
+
+    def read_float(self, i: int) -> np.ndarray:
+        """Image ``i`` as float32 in [0, 1]."""
+        return from_stored(self.read(i))
+
+    def index_of(self, image_id: str) -> int:
+        hits = np.flatnonzero(self.images["image_id"].to_numpy() == image_id)
+        if len(hits) == 0:
+            raise UserError(f"{self.root}: no ingested image with id {image_id!r}")
+        return int(hits[0])
+
+    def __getstate__(self):  # memmaps are reopened in worker processes
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state

@@ -1,0 +1,1 @@
+"""Models: the timm backbone factory, the U-Net for Models Genesis, and encoder weight files."""

@@ -1,0 +1,110 @@
+"""Encoder weight files: save and load without pickles or key surgery.
+
+An encoder is stored as two files side by side:
+
+- ``<name>.safetensors``: the timm model's ``state_dict()`` with plain timm key names;
+- ``<name>.json``: ``{"arch": <timm name>, "model_kwargs": {...}, ...}`` -- enough to
+  rebuild the model with ``timm.create_model(arch, **model_kwargs)``.
+
+A pretraining run folder holds ``encoder.safetensors`` + ``encoder.json``; an
+exported folder holds ``model.safetensors`` + ``config.json`` (Hugging Face Hub
+layout).  :func:`load_run_encoder` reads either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radpretrain.errors import UserError
+from radpretrain.utils import read_json, write_json
+
+
+def save_encoder(model: nn.Module, meta: dict, out_dir: str | Path, name: str = "encoder") -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``; returns the weights path."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "arch" not in meta or "model_kwargs" not in meta:
+        raise ValueError("encoder meta needs 'arch' and 'model_kwargs'")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = out_dir / f"{name}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "arch": str(meta["arch"])})
+    tmp.replace(path)
+    write_json(out_dir / f"{name}.json", meta)
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never unpickling objects.
+
+    Torch files are read with ``weights_only=True``; a file that needs anything
+    else (arbitrary pickled objects) or is truncated is a :class:`UserError`.
+    A checkpoint dict with a ``state_dict``/``model`` entry is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: refused or unreadable weight file ({type(e).__name__}: {msg[:200]}); "
+                        "only plain tensors are loaded, never pickled objects") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a dict of tensors (a state dict)")
+    return obj
+
+
+def find_encoder_files(path: str | Path) -> tuple[Path, Path]:
+    """(weights, meta) of a run folder, an export folder or a ``*.safetensors`` file with its json."""
+    p = Path(path)
+    candidates = [(p / "encoder.safetensors", p / "encoder.json"), (p / "model.safetensors", p / "config.json")]
+    if p.is_file():
+        candidates = [(p, p.with_suffix(".json"))]
+    for w, m in candidates:
+        if w.is_file() and m.is_file():
+            return w, m
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        raise UserError(f"{p}: this run has no encoder.safetensors yet (it did not finish); "
+                        "resume it with 'radpretrain pretrain --resume' or use a finished run")
+    raise UserError(f"{p}: no encoder found (expected encoder.safetensors + encoder.json, "
+                    "or model.safetensors + config.json)")
+
+
+def load_run_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the timm encoder of a run or export folder; returns ``(model, meta)``."""
+    import timm
+
+    weights, meta_path = find_encoder_files(path)
+    meta = read_json(meta_path)
+    if "arch" not in meta:
+        raise UserError(f"{meta_path}: no 'arch' entry; not a radpretrain encoder description")
+    kwargs = dict(meta.get("model_kwargs", {}))
+    kwargs.setdefault("num_classes", 0)
+    try:
+        model = timm.create_model(meta["arch"], pretrained=False, **kwargs)
+    except Exception as e:
+        raise UserError(f"{meta_path}: cannot build timm model {meta['arch']!r} with {kwargs} ({e})") from None
+    state = read_state_dict(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights}: weights do not match {meta['arch']} "
+                        f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]})")
+    return model.to(device).eval(), meta
