@@ -1,0 +1,139 @@
+"""``radpretrain demo``: the whole pipeline end to end, resumable stage by stage.
+
+synthetic archive (or ``--data PATH``) -> ingest -> split -> info -> pretrain (CPU
+preset) -> evaluate (scratch vs ImageNet vs ours at label fractions 1 %, 10 %,
+100 %) -> export -> report.  Each stage writes into ``--out`` and is skipped
+when its output is already complete, so a second run reuses finished stages
+(and an interrupted pretraining run resumes from its last checkpoint).
+
+Every stage goes through the same command-line entry points a user would type,
+so the demo also documents the commands: they are printed before each stage.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from radpretrain.errors import UserError
+from radpretrain.utils import read_json
+
+DEFAULT_METHOD = "simclr"
+DEFAULT_TARGET = "lesion"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="demo-output", help="folder for every stage's output (default: demo-output)")
+    p.add_argument("--data", default=None,
+                   help="run on your own folder of images instead of the synthetic archive "
+                        "(e.g. ../shared/data/knee-kl); class sub-folders become the label 'label'")
+    p.add_argument("--patient-id", default=None,
+                   help="with --data: regex whose first group is the patient id in each file's path "
+                        "(knee-kl: '([0-9]{7})[LR]')")
+    p.add_argument("--target", default=None, help="label column to evaluate (default: lesion, or label with --data)")
+    p.add_argument("--patients", type=int, default=200, help="patients in the synthetic archive (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every stage (default 0)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"pretraining method (default {DEFAULT_METHOD})")
+    p.add_argument("--protocol", default="linear", help="evaluation protocol (default linear)")
+    p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions (default 0.01,0.1,1.0)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining config")
+
+
+def _step(title: str, argv: list[str]) -> None:
+    from radpretrain.cli import main as cli_main
+
+    print(f"\n== {title}\n$ radpretrain {shlex.join(argv)}", flush=True)
+    t0 = time.time()
+    rc = cli_main(argv)
+    if rc != 0:
+        raise UserError(f"demo stage '{title}' failed (exit status {rc}); fix the problem above and rerun: "
+                        "finished stages are reused")
+    print(f"   ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _skip(title: str, why: str) -> None:
+    print(f"\n== {title}: already done ({why}), reusing it", flush=True)
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    archive = out / "archive"
+    dataset = out / "dataset"
+    run_dir = out / "pretrain"
+    eval_dir = out / "evaluate"
+    export_dir = out / "encoder"
+
+    # 1. source
+    if args.data:
+        src = Path(args.data)
+        if not src.exists():
+            raise UserError(f"{src}: no such folder")
+        target = args.target or "label"
+        ingest_argv = ["ingest", str(src), "--out", str(dataset)]
+        if args.patient_id:
+            ingest_argv += ["--patient-id", args.patient_id]
+    else:
+        target = args.target or DEFAULT_TARGET
+        if (archive / "labels.csv").is_file():
+            _skip("synthetic archive", str(archive))
+        else:
+            _step("synthetic archive", ["synth", str(archive), "--patients", str(args.patients), "--seed", str(args.seed)])
+        ingest_argv = ["ingest", str(archive), "--out", str(dataset), "--labels", str(archive / "labels.csv")]
+
+    # 2. ingest (resumable by itself)
+    if (dataset / "manifest.parquet").is_file() and (dataset / "qc_summary.json").is_file():
+        _skip("ingest", str(dataset))
+    else:
+        _step("ingest", ingest_argv)
+
+    # 3. split
+    if (dataset / "splits.parquet").is_file():
+        _skip("split", str(dataset / "splits.parquet"))
+    else:
+        _step("split", ["split", str(dataset), "--folds", str(args.folds), "--seed", str(args.seed),
+                        "--stratify", target])
+
+    # 4. info + sample grid
+    _step("dataset summary", ["info", str(dataset)])
+
+    # 5. pretrain
+    if (run_dir / "encoder.safetensors").is_file():
+        _skip("pretrain", str(run_dir / "encoder.safetensors"))
+    else:
+        argv = ["pretrain", "--method", args.method, "--data", str(dataset), "--out", str(run_dir),
+                f"seed={args.seed}", *args.overrides]
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            argv.insert(1, "--resume")
+        _step("pretrain", argv)
+
+    # 6. evaluate
+    if (eval_dir / "summary.json").is_file():
+        _skip("evaluate", str(eval_dir / "summary.json"))
+    else:
+        _step("evaluate", ["evaluate", "--data", str(dataset), "--target", target,
+                           "--init", "scratch", "--init", "imagenet", "--init", str(run_dir),
+                           "--protocol", args.protocol, "--label-fractions", args.fractions,
+                           "--folds", str(args.folds), "--seed", str(args.seed), "--out", str(eval_dir)])
+
+    # 7. export (with the evaluation in the model card)
+    if (export_dir / "model.safetensors").is_file():
+        _skip("export", str(export_dir))
+    else:
+        _step("export", ["export", str(run_dir), "--out", str(export_dir), "--report", str(eval_dir)])
+
+    # 8. headline
+    print("\n== headline")
+    headline = eval_dir / "headline.md"
+    if headline.is_file():
+        print(headline.read_text())
+    else:
+        summary = read_json(eval_dir / "summary.json")
+        print(summary.get("headline", summary))
+    print(f"report:  {(eval_dir / 'report.html').resolve()}")
+    print(f"encoder: {export_dir.resolve()}  (load with radpretrain.load_encoder)")
+    print(f"total demo time: {time.time() - t_start:.0f} s")
+    return 0
