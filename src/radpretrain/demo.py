@@ -82,7 +82,9 @@ def run(args) -> int:
             _skip("synthetic archive", str(archive))
         else:
             _step("synthetic archive", ["synth", str(archive), "--patients", str(args.patients), "--seed", str(args.seed)])
-        ingest_argv = ["ingest", str(archive), "--out", str(dataset), "--labels", str(archive / "labels.csv")]
+        # PNG/JPEG exports carry no DICOM header: their patient id is in the file name.
+        ingest_argv = ["ingest", str(archive), "--out", str(dataset), "--labels", str(archive / "labels.csv"),
+                       "--patient-id", r"(PHI[0-9]+)"]
 
     # 2. ingest (resumable by itself)
     if (dataset / "manifest.parquet").is_file() and (dataset / "qc_summary.json").is_file():
