@@ -47,8 +47,10 @@ STATUSES = ("ingested", "duplicate", "quarantined")
 def to_stored(img01: np.ndarray, dtype=np.uint8) -> np.ndarray:
     """Scale a float image in [0, 1] to the store's integer dtype (rounded, clipped)."""
     info = np.iinfo(dtype)
-    x = np.clip(np.asarray(img01, dtype=np.float32), 0.0, 1.0) * info.max
-    return np.rint(x).astype(dtype)
+    x = np.clip(np.asarray(img01, dtype=np.float32), 0.0, 1.0)  # a new array: safe to work in place
+    x *= np.float32(info.max)
+    np.rint(x, out=x)
+    return x.astype(dtype)
 
 
 def from_stored(arr: np.ndarray) -> np.ndarray:
@@ -65,7 +67,8 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, dtype=np.uint8):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # unique per process, so two writers of the same shard never share a temp file
+        self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
         self._f = open(self.tmp, "wb")

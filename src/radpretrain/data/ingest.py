@@ -1,0 +1,768 @@
+"""``radpretrain ingest``: a messy archive -> a de-identified, quality-checked dataset store.
+
+Pipeline: recursive sorted scan (hidden files skipped) -> fixed-size chunks of
+the sorted file list -> worker processes, each chunk decoded, QC'd, resized and
+written to its own shard plus a chunk manifest (atomically, the manifest last)
+-> finalisation: chunk manifests concatenated in order, duplicates marked
+(first by sorted path kept), labels typed, ``manifest.parquet``,
+``qc_summary.json`` and ``store.json`` written.
+
+Resuming: ``DATASET/.ingest/plan.json`` holds a keyed fingerprint of the file
+list and options (no paths).  A chunk whose manifest exists is done; anything
+else is redone, so a run killed at any moment and started again ends with the
+same manifest as an uninterrupted run.  ``--partition i/N`` processes only
+chunks ``k`` with ``k % N == i - 1``; ``--merge PART... --out DATASET`` joins
+partition stores made from the same archive and options.
+
+Nothing identifying is written or logged: ids are keyed pseudonyms, paths are
+shown as their token unless ``--keep-paths``, and read errors are reason codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from radpretrain.data import intensity as I
+from radpretrain.data import readers as R
+from radpretrain.data.deid import Pseudonymizer, key_path
+from radpretrain.data.store import (
+    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, to_stored, write_manifest, write_store_meta,
+)
+from radpretrain.errors import UserError
+from radpretrain.utils import get_logger, read_json, write_json
+
+log = get_logger("radpretrain.data.ingest")
+
+WORK_DIR = ".ingest"
+CHUNK_DIR = "chunks"
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+NIFTI_EXTS = (".nii", ".nii.gz")
+_INTERNAL = ["_file", "_item", "_pid_source"]
+MAX_AUTO_CLASSES = 50
+_CLASS_NAME = re.compile(r"[A-Za-z0-9 _+.\-]{1,32}")
+_ID_LIKE = re.compile(r"\d{5,}|\^")  # ids, dates, DICOM person names: not class names
+_PHI_COLUMN = re.compile(r"name|birth|\bdob\b|accession|\bmrn\b|address|phone|email|patient|physician", re.I)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="*", metavar="SRC", help="folders or files to ingest (recursive)")
+    p.add_argument("--out", required=True, metavar="DATASET", help="dataset store folder to create or resume")
+    p.add_argument("--labels", metavar="CSV", help="CSV with a 'path' column (relative to the source root) and label columns")
+    p.add_argument("--patient-id", metavar="REGEX", help="patient id of non-DICOM files from their relative path (first group)")
+    p.add_argument("--label-from-folder", choices=("auto", "yes", "no"), default="auto",
+                   help="parent folder name -> 'label' column (ImageFolder). auto: on when no --labels, every "
+                        "input is a PNG/JPEG/TIFF inside a sub-folder and there are >= 2 folder names")
+    p.add_argument("--max-size", type=int, default=512, help="longest stored side in pixels (default 512)")
+    p.add_argument("--min-size", type=int, default=32, help="images with a side shorter than this are quarantined (too_small)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument("--chunk-size", type=int, default=256, help="files per chunk/shard (default 256)")
+    p.add_argument("--keep-paths", action="store_true", help="write relative paths in 'source' and messages (paths can be PHI)")
+    p.add_argument("--partition", metavar="i/N", help="process only partition i of N (1 <= i <= N); join with --merge")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="merge partition stores into --out (no SRC)")
+    p.add_argument("--nifti-slices", type=int, default=5, help="axial slices sampled per NIfTI volume (default 5)")
+    p.add_argument("--nifti-max-per-patient", type=int, default=50, help="cap on NIfTI slices per patient (default 50)")
+    p.add_argument("--ct-window", type=float, nargs=2, default=list(I.CT_WINDOW), metavar=("LO", "HI"), help="CT HU window")
+    p.add_argument("--mr-percentile", type=float, default=I.MR_PERCENTILE, help="MR: divide by this percentile")
+    p.add_argument("--modality", default="XR", choices=R.MODALITIES, help="modality recorded for non-DICOM 2-D images")
+    p.add_argument("--body-part", default=None, choices=R.BODY_PARTS, help="body part of non-DICOM inputs without a keyword in their path")
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if args.merge:
+        if args.sources:
+            raise UserError("--merge takes partition stores, not SRC folders")
+        summary = merge_partitions([Path(p) for p in args.merge], out)
+    else:
+        if not args.sources:
+            raise UserError("nothing to ingest: give at least one SRC folder or file")
+        opts = {k: getattr(args, k) for k in (
+            "labels", "patient_id", "label_from_folder", "max_size", "min_size", "workers", "chunk_size",
+            "keep_paths", "partition", "nifti_slices", "nifti_max_per_patient", "ct_window", "mr_percentile",
+            "modality", "body_part")}
+        summary = ingest(args.sources, out, **opts)
+    print_summary(summary, out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- scanning
+
+def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
+    """Sorted (absolute path, relative path) of every non-hidden file, and each file's source-root-relative path.
+
+    With several sources the relative path is prefixed by the source's name.
+    """
+    roots = [Path(s) for s in sources]
+    for r in roots:
+        if not r.exists():
+            raise UserError(f"{r}: no such file or folder")
+    names = [r.name for r in roots]
+    if len(roots) > 1 and len(set(names)) != len(names):
+        raise UserError("two sources share a folder name; give them distinct names or ingest them separately")
+    files = []
+    for r in roots:
+        prefix = f"{r.name}/" if len(roots) > 1 else ""
+        if r.is_file():
+            files.append((os.path.abspath(r), prefix + r.name, r.name))
+            continue
+        top = os.path.abspath(r)
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            reldir = os.path.relpath(dirpath, top)
+            reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
+            for fn in filenames:
+                if not fn.startswith("."):
+                    files.append((os.path.join(dirpath, fn), prefix + reldir + fn, reldir + fn))
+    files.sort(key=lambda t: t[1])
+    return [(a, b) for a, b, _ in files], [c for _, _, c in files]
+
+
+def _is_sidecar_name(rel: str) -> bool:
+    return os.path.splitext(rel)[1].lower() in R.SIDECAR_EXTS
+
+
+def decide_label_from_folder(mode: str, rels: list[str], has_labels_csv: bool) -> bool:
+    if mode != "auto":
+        return mode == "yes"
+    if has_labels_csv:
+        return False
+    inputs = [r for r in rels if not _is_sidecar_name(r)]
+    if not inputs or any(os.path.splitext(r)[1].lower() not in IMAGE_EXTS or "/" not in r for r in inputs):
+        return False
+    classes = {r.rsplit("/", 2)[-2] for r in inputs}
+    # folder names become label values: only names that look like class names, never per-patient folders
+    return 2 <= len(classes) <= MAX_AUTO_CLASSES and all(_CLASS_NAME.fullmatch(c) and not _ID_LIKE.search(c)
+                                                          for c in classes)
+
+
+def load_labels(path) -> dict[str, dict]:
+    p = Path(path)
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{p}: cannot read the labels CSV ({type(e).__name__})") from None
+    if "path" not in df.columns:
+        raise UserError(f"{p}: the labels CSV needs a 'path' column (file path relative to the source root)")
+    bad = [c for c in df.columns if c in MANIFEST_COLUMNS]
+    if bad:
+        raise UserError(f"{p}: label columns clash with manifest columns: {', '.join(bad)}")
+    phi = [c for c in df.columns if c != "path" and _PHI_COLUMN.search(c)]
+    if phi:
+        raise UserError(f"{p}: columns {', '.join(phi)} look identifying and would be copied into the dataset; "
+                        "remove them from the labels CSV")
+    out = {}
+    for rec in df.to_dict("records"):
+        key = _norm_rel(rec.pop("path"))
+        out[key] = rec
+    return out
+
+
+def _norm_rel(p: str) -> str:
+    p = str(p).replace("\\", "/").strip()
+    while p.startswith("./"):
+        p = p[2:]
+    return p
+
+
+# ----------------------------------------------------------------------------- NIfTI plan
+
+def plan_nifti(files, root_rels, cfg, pseudo) -> dict[int, list[int] | None]:
+    """Slice indices per NIfTI file (by index in the file list); capped per patient, deterministic."""
+    plan, used = {}, {}
+    for i, ((full, rel), root_rel) in enumerate(zip(files, root_rels)):
+        if not rel.lower().endswith(NIFTI_EXTS):
+            continue
+        try:
+            shape = R.nifti_shape(full)
+        except R.ReadError:
+            continue  # the worker records it as unreadable
+        n = shape[2] if len(shape) >= 3 else 1
+        pid, _ = _patient_from_path(root_rel, rel, cfg, pseudo)
+        left = cfg["nifti_max_per_patient"] - used.get(pid, 0)
+        idx = R.nifti_slice_indices(n, cfg["nifti_slices"])[: max(0, left)]
+        used[pid] = used.get(pid, 0) + len(idx)
+        plan[i] = idx
+    return plan
+
+
+# ----------------------------------------------------------------------------- worker
+
+_CFG: dict = {}
+
+
+def _init_worker(cfg):
+    global _CFG
+    _CFG = cfg
+
+
+def _patient_from_path(root_rel: str, rel: str, cfg, pseudo) -> tuple[str, str]:
+    rx = cfg.get("patient_regex")
+    if rx:
+        m = re.search(rx, root_rel)
+        if m:
+            value = m.group(1) if m.groups() else m.group(0)
+            if value:
+                return pseudo.patient(value), "regex"  # same pseudonym as a DICOM PatientID of that value
+    return pseudo.patient(f"\x00file:{rel}"), "per-file"
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk-{k:06d}"
+
+
+def _chunk_paths(out: Path, k: int):
+    name = chunk_name(k)
+    return out / SHARD_DIR / f"{name}.bin", out / WORK_DIR / CHUNK_DIR / f"{name}.parquet", out / WORK_DIR / CHUNK_DIR / f"{name}.json"
+
+
+class _CollectWriter:
+    """Stands in for a ShardWriter in an isolated child process: keeps the images to send back."""
+
+    def __init__(self):
+        self.images = []
+
+    def append(self, img) -> int:
+        self.images.append(np.ascontiguousarray(img))
+        return -1
+
+
+def _isolated_child(conn, args) -> None:
+    i, full, rel, root_rel, cfg, shard_name = args
+    writer = _CollectWriter()
+    rows, sidecar = _process_file(i, full, rel, root_rel, cfg, Pseudonymizer(cfg["key"]), writer, shard_name)
+    conn.send((rows, sidecar, writer.images))
+    conn.close()
+
+
+def _process_file_isolated(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
+    """Like :func:`_process_file`, but decoded in a child process: a decoder crash only quarantines this file."""
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_isolated_child, args=(send, (i, full, rel, root_rel, cfg, shard_name)))
+    child.start()
+    send.close()
+    try:
+        rows, sidecar, images = recv.recv()
+    except EOFError:  # the child died without an answer
+        rows, sidecar, images = None, 0, []
+    child.join()
+    recv.close()
+    if rows is None:
+        kind = R.sniff(full)
+        fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
+        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0))
+        row["reason"] = "worker_crash"
+        return [row], 0
+    it = iter(images)
+    for row in rows:
+        if row["status"] == "ingested":
+            row["offset"] = int(writer.append(next(it)))
+    return rows, sidecar
+
+
+def process_chunk(k: int, isolate: bool = False) -> dict:
+    """Decode, QC and store one chunk of files; commit shard, stats and manifest atomically (manifest last).
+
+    ``isolate``: decode every file in its own child process (used to redo a chunk whose worker died).
+    """
+    cfg = _CFG
+    out = Path(cfg["out"])
+    start, stop = k * cfg["chunk_size"], min((k + 1) * cfg["chunk_size"], len(cfg["files"]))
+    pseudo = Pseudonymizer(cfg["key"])
+    shard_path, parquet_path, stats_path = _chunk_paths(out, k)
+    rows, sidecars = [], 0
+    parent = cfg.get("parent_pid")
+    with ShardWriter(shard_path) as writer:
+        for i in range(start, stop):
+            if parent is not None and os.getppid() != parent:  # orphaned by a killed parent: commit nothing
+                raise SystemExit(1)
+            full, rel = cfg["files"][i]
+            root_rel = cfg["root_rels"][i]
+            step = _process_file_isolated if isolate else _process_file
+            new_rows, is_sidecar = step(i, full, rel, root_rel, cfg, pseudo, writer, shard_path.name)
+            sidecars += is_sidecar
+            rows.extend(new_rows)
+    df = pd.DataFrame(rows)
+    write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
+    tmp = parquet_path.with_name(f".{parquet_path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, parquet_path)
+    return {"chunk": k, "files": stop - start}
+
+
+def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
+    pid, pid_source = _patient_from_path(root_rel, rel, cfg, pseudo)
+    row = {
+        "image_id": pseudo.image(rel, item_key), "patient_id": pid,
+        "study_id": pseudo.study(f"file:{rel}"), "series_id": pseudo.series(f"file:{rel}"),
+        "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": float("nan"), "sex": "unknown",
+        "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
+        "source": rel if cfg["keep_paths"] else pseudo.path(rel), "source_format": fmt,
+        "content_hash": "", "status": "quarantined", "reason": "", "shard": "", "offset": -1,
+        "_file": int(order[0]), "_item": int(order[1]), "_pid_source": pid_source,
+    }
+    labels = cfg.get("labels")
+    if labels:
+        rec = labels.get(root_rel) or labels.get(rel)
+        for col in cfg["label_columns"]:
+            row[col] = rec.get(col) if rec else None
+    if cfg.get("label_from_folder"):
+        row["label"] = root_rel.rsplit("/", 2)[-2] if "/" in root_rel else ""
+    return row
+
+
+def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
+    fmt = meta["source_format"]
+    if fmt == "dicom":
+        row["modality"] = meta["modality"]
+        row["body_part"], row["view"] = meta["body_part"], meta["view"]
+        row["sex"], row["age_years"] = meta["sex"], meta["age_years"]
+        if meta["patient_id"]:
+            row["patient_id"], row["_pid_source"] = pseudo.patient(meta["patient_id"]), "dicom"
+        if meta["study_uid"]:
+            row["study_id"] = pseudo.study(meta["study_uid"])
+        if meta["series_uid"]:
+            row["series_id"] = pseudo.series(meta["series_uid"])
+    else:
+        row["modality"] = meta["modality"] if fmt == "nifti" else cfg["modality"]
+        row["body_part"] = R.body_part_from_text(root_rel) or cfg.get("body_part") or "unknown"
+        row["view"] = R.normalise_view(None, root_rel)
+
+
+def _store_image(row, img01, meta, cfg, writer, shard_name):
+    row["orig_height"], row["orig_width"] = int(img01.shape[0]), int(img01.shape[1])
+    row["content_hash"] = meta.get("content_hash", "")
+    if meta.get("raw_constant") or I.is_blank(img01):
+        row["reason"] = "blank"
+        return
+    if min(img01.shape) < cfg["min_size"]:
+        row["reason"] = "too_small"
+        return
+    small = to_stored(I.resize_max(img01, cfg["max_size"]))
+    row["offset"] = int(writer.append(small))
+    row["shard"] = shard_name
+    row["height"], row["width"] = int(small.shape[0]), int(small.shape[1])
+    row["status"] = "ingested"
+
+
+def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
+    """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0)."""
+    kind = R.sniff(full)
+    if kind == "sidecar":
+        return [], 1
+    fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
+    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "with_hash": True}
+    rows = []
+    try:
+        if kind == "nifti":
+            idx = cfg["nifti_plan"].get(i)
+            if idx is None:
+                raise R.ReadError("unreadable")
+            if not idx:
+                row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, "z", (i, 0))
+                row["reason"] = "patient_slice_cap"
+                return [row], 0
+            for j, z in enumerate(idx):
+                row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"z{z}", (i, j))
+                try:
+                    img, meta = R.load_image(full, index=z, kind="nifti", **opts)
+                    _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
+                    _store_image(row, img, meta, cfg, writer, shard_name)
+                except R.ReadError as e:
+                    row["reason"] = e.reason
+                rows.append(row)
+            return rows, 0
+        if kind == "npz":
+            keys = R.npz_image_keys(full)
+            if not keys:
+                raise R.ReadError("no_pixel_data")
+            with np.load(full, allow_pickle=False) as z:
+                for key, n, lab_key in keys:
+                    arr = z[key]
+                    labs = z[lab_key] if lab_key else None
+                    for j in range(n):
+                        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"{key}/{j}", (i, len(rows)))
+                        row["patient_id"] = pseudo.patient(f"\x00file:{rel}#{key}/{j}")
+                        row["study_id"] = pseudo.study(f"file:{rel}#{key}/{j}")
+                        row["series_id"] = pseudo.series(f"file:{rel}#{key}/{j}")
+                        row["_pid_source"] = "per-file"
+                        if labs is not None:
+                            lv = np.asarray(labs[j]).reshape(-1)
+                            row["label"] = int(lv[0]) if lv.size == 1 else ",".join(str(int(v)) for v in lv)
+                        try:
+                            img, meta = R.load_image(np.asarray(arr[j]), **opts)
+                            meta["source_format"] = "npz"
+                            _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
+                            _store_image(row, img, meta, cfg, writer, shard_name)
+                        except R.ReadError as e:
+                            row["reason"] = e.reason
+                        rows.append(row)
+            return rows, 0
+        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0))
+        rows.append(row)
+        if kind == "dicom":
+            ds = R.read_dicom(full)
+            with R.quiet_pydicom():
+                _fill_meta(row, R.dicom_meta(ds), cfg, pseudo, rel, root_rel)  # kept even if decoding fails
+            img, meta = R.load_image(ds, index=0, **opts)
+        elif kind in R.IMAGE_KINDS:
+            img, meta = R.load_image(full, kind=kind, **opts)
+        elif kind == "unreadable":
+            raise R.ReadError("unreadable")
+        elif kind == "empty":
+            raise R.ReadError("empty_file")
+        else:
+            raise R.ReadError("not_dicom_or_image")
+        _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
+        _store_image(row, img, meta, cfg, writer, shard_name)
+    except R.ReadError as e:
+        if not rows:
+            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+        rows[-1]["reason"] = e.reason
+    except MemoryError:
+        if not rows:
+            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+        rows[-1]["reason"] = "too_large"
+    except Exception as e:  # one bad file never stops the run; no message text (it may quote header values)
+        if not rows:
+            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+        rows[-1]["reason"] = "decode_error"
+        log.debug("file %s: unexpected %s", rows[-1]["source"], type(e).__name__)
+    for r in rows:
+        if r["status"] != "ingested":
+            r["shard"], r["offset"], r["height"], r["width"] = "", -1, 0, 0
+    return rows, 0
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _fingerprint(pseudo, files, cfg_public) -> str:
+    h = hashlib.sha256()
+    for _, rel in files:
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\x00")
+    h.update(json.dumps(cfg_public, sort_keys=True).encode())
+    return pseudo.token("plan", h.hexdigest())
+
+
+def _parse_partition(text) -> tuple[int, int] | None:
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
+        raise UserError(f"--partition {text!r}: expected i/N with 1 <= i <= N, e.g. 1/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_out(out: Path, sources) -> None:
+    kp = key_path().resolve()
+    o = out.resolve()
+    if kp == o or o in kp.parents:
+        raise UserError(f"{out}: the de-identification key file must not be inside the dataset; choose another --out")
+    for s in sources:
+        sp = Path(s).resolve()
+        if o == sp or sp in o.parents:
+            raise UserError(f"{out}: the dataset must not be inside the source folder {s}")
+
+
+def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="auto", max_size=512, min_size=32,
+           workers=0, chunk_size=256, keep_paths=False, partition=None, nifti_slices=5,
+           nifti_max_per_patient=50, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, modality="XR",
+           body_part=None, key: bytes | None = None, progress: bool = True) -> dict:
+    """Ingest ``sources`` into the store ``out`` (resuming a previous run); returns the QC summary."""
+    out = Path(out)
+    _check_out(out, sources)
+    part = _parse_partition(partition)
+    if patient_id:
+        try:
+            re.compile(patient_id)
+        except re.error as e:
+            raise UserError(f"--patient-id {patient_id!r}: not a valid regular expression ({e})") from None
+    if chunk_size < 1 or max_size < 8:
+        raise UserError("--chunk-size must be >= 1 and --max-size >= 8")
+    pseudo = Pseudonymizer(key)
+    files, root_rels = scan_sources(sources)
+    if not files:
+        raise UserError(f"{', '.join(map(str, sources))}: no files found (names starting with '.' are skipped)")
+    label_map = load_labels(labels) if labels else None
+    label_cols = sorted({c for rec in label_map.values() for c in rec}) if label_map else []
+    lff = decide_label_from_folder(label_from_folder, root_rels, bool(label_map))
+    public = {
+        "max_size": max_size, "min_size": min_size, "chunk_size": chunk_size, "keep_paths": bool(keep_paths),
+        "patient_regex": patient_id or "", "label_from_folder": lff, "nifti_slices": nifti_slices,
+        "nifti_max_per_patient": nifti_max_per_patient, "ct_window": [float(v) for v in ct_window],
+        "mr_percentile": float(mr_percentile), "modality": modality, "body_part": body_part or "",
+        "labels_sha256": hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels else "",
+        "intensity": I.INTENSITY_VERSION,
+    }
+    fp = _fingerprint(pseudo, files, public)
+    n_chunks = max(1, math.ceil(len(files) / chunk_size)) if files else 0
+    work = out / WORK_DIR
+    plan_path = work / "plan.json"
+    if plan_path.is_file():
+        old = read_json(plan_path)
+        if old.get("fingerprint") != fp:
+            raise UserError(f"{out}: holds an ingest of other files, options or de-id key; "
+                            "use another --out (or delete it to start again)")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not an ingest in progress; choose an empty or new folder")
+    (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
+                           "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public})
+    _remove_tmp(out)
+    mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
+    todo = [k for k in mine if not _chunk_paths(out, k)[1].is_file()]
+    cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
+               label_columns=label_cols, patient_regex=patient_id,
+               nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
+    log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
+             f", partition {part[0]}/{part[1]}" if part else "")
+    _run_chunks(todo, cfg, workers, files, progress)
+    return finalise(out, mine, partition=part)
+
+
+def _remove_tmp(out: Path) -> None:
+    for d in (out / SHARD_DIR, out / WORK_DIR / CHUNK_DIR, out / WORK_DIR, out):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
+
+
+def _preimport() -> None:
+    """Import the decoders once before forking, so each worker does not pay for it."""
+    import nibabel  # noqa: F401
+    import pydicom.pixels  # noqa: F401
+    from PIL import Image
+
+    Image.init()
+
+
+def _run_chunks(todo, cfg, workers, files, progress) -> None:
+    from tqdm import tqdm
+
+    if not todo:
+        return
+    n_workers = workers or os.cpu_count() or 1
+    n_workers = max(1, min(n_workers, len(todo)))
+    size = cfg["chunk_size"]
+    total = sum(min(size, len(files) - k * size) for k in todo)
+    bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr, disable=None if progress else True)
+    try:
+        if n_workers == 1:
+            _init_worker(cfg)
+            for k in todo:
+                bar.update(process_chunk(k)["files"])
+        else:
+            _preimport()
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+            worker_cfg = dict(cfg, parent_pid=os.getpid())
+            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(worker_cfg,)) as pool:
+                futures = {pool.submit(process_chunk, k): k for k in todo}
+                try:
+                    for fut in as_completed(futures):
+                        bar.update(fut.result()["files"])
+                    broken = False
+                except BrokenProcessPool:
+                    broken = True
+            if broken:  # a decoder crashed (or memory ran out): redo the unfinished chunks file by file
+                left = [k for k in todo if not _chunk_paths(Path(cfg["out"]), k)[1].is_file()]
+                log.warning("a worker process died; redoing %d chunk(s) with each file decoded in its own process",
+                            len(left))
+                _init_worker(cfg)
+                for k in left:
+                    bar.update(process_chunk(k, isolate=True)["files"])
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- finalisation
+
+def _read_chunks(out: Path, chunks) -> tuple[pd.DataFrame, int]:
+    frames, sidecars = [], 0
+    for k in chunks:
+        _, pq, st = _chunk_paths(out, k)
+        if not pq.is_file():
+            raise UserError(f"{out}: chunk {k} is missing; run the ingest again to finish it")
+        df = pd.read_parquet(pq)
+        if len(df):
+            frames.append(df)
+        sidecars += int(read_json(st)["sidecar_skipped"]) if st.is_file() else 0
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return df, sidecars
+
+
+def _type_labels(df: pd.DataFrame) -> pd.DataFrame:
+    for col in [c for c in df.columns if c not in MANIFEST_COLUMNS]:
+        s = df[col]
+        if s.dtype == object or pd.api.types.is_string_dtype(s):
+            vals = s.dropna().astype(str)
+            vals = vals[vals != ""]
+            num = pd.to_numeric(vals, errors="coerce")
+            if len(vals) and num.notna().all():
+                full = pd.to_numeric(s.replace("", None), errors="coerce")
+                if (num == num.round()).all():
+                    df[col] = full.round().astype("Int64")
+                else:
+                    df[col] = full.astype(float)
+            else:
+                df[col] = s.where(s.notna() & (s.astype(str) != ""), None)
+    return df
+
+
+def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """Later copies (by sorted path) of the same decoded pixels become ``duplicate``; the first is kept."""
+    ok = df["status"] == "ingested"
+    first = df[ok].drop_duplicates("content_hash", keep="first")
+    keep_id = dict(zip(first["content_hash"], first["image_id"]))
+    dup = ok & ~df.index.isin(first.index)
+    if not dup.any():
+        return df
+    df.loc[dup, "status"] = "duplicate"
+    df.loc[dup, "reason"] = "duplicate_of:" + df.loc[dup, "content_hash"].map(keep_id)
+    df.loc[dup, "shard"] = ""
+    df.loc[dup, "offset"] = -1
+    return df
+
+
+def finalise(out: Path, chunks, partition=None) -> dict:
+    """Concatenate chunk manifests (in order), mark duplicates, write manifest, QC summary and store.json."""
+    out = Path(out)
+    plan = read_json(out / WORK_DIR / "plan.json")
+    df, sidecars = _read_chunks(out, chunks)
+    if len(df):
+        df = df.sort_values(["_file", "_item"], kind="stable").reset_index(drop=True)
+        pid_sources = df.loc[df["status"] == "ingested", "_pid_source"].value_counts().to_dict()
+        df = df.drop(columns=_INTERNAL)
+    else:
+        pid_sources = {}
+    for c in MANIFEST_COLUMNS:
+        if c not in df.columns:
+            df[c] = pd.Series(dtype=object)
+    df = mark_duplicates(df)
+    labels = sorted(c for c in df.columns if c not in MANIFEST_COLUMNS)
+    df = _type_labels(df[MANIFEST_COLUMNS + labels].copy())
+    for c in ("height", "width", "orig_height", "orig_width", "offset"):
+        df[c] = df[c].astype("int64")
+    df["age_years"] = df["age_years"].astype(float)
+    write_manifest(out, df)
+    if "per-file" in pid_sources:
+        pid_source = "per-file"
+    elif "regex" in pid_sources:
+        pid_source = "regex"
+    else:
+        pid_source = "dicom"
+    summary = qc_summary(df, sidecars)
+    summary["patient_id_source"] = pid_source
+    summary["patient_id_sources"] = {k: int(v) for k, v in pid_sources.items()}
+    if opts_label := plan.get("options", {}).get("label_from_folder"):
+        summary["label_from_folder"] = bool(opts_label)
+        summary["n_folder_labels"] = int(df["label"].nunique()) if "label" in df.columns else 0
+    if partition:
+        summary["partition"] = f"{partition[0]}/{partition[1]}"
+    write_json(out / "qc_summary.json", summary)
+    opts = plan.get("options", {})
+    meta = {
+        "patient_id_source": pid_source, "n_inputs": summary["inputs"], "n_images": summary["ingested"],
+        "n_patients": summary["patients"], "intensity": I.INTENSITY_VERSION, "min_size": opts.get("min_size"),
+        "key_fingerprint": plan.get("key_fingerprint"), "plan_fingerprint": plan.get("fingerprint"),
+        "n_chunks": plan.get("n_chunks"), "label_columns": labels, "keep_paths": opts.get("keep_paths", False),
+    }
+    if partition:
+        meta["partition"] = f"{partition[0]}/{partition[1]}"
+    meta["label_from_folder"] = bool(opts.get("label_from_folder", False))
+    meta["patient_regex"] = bool(opts.get("patient_regex"))
+    write_store_meta(out, dtype="uint8", max_size=opts.get("max_size", 512), **meta)
+    return summary
+
+
+def qc_summary(df: pd.DataFrame, sidecars: int) -> dict:
+    ing = df[df["status"] == "ingested"]
+    q = df[df["status"] == "quarantined"]
+    return {
+        "inputs": int(len(df)),
+        "ingested": int(len(ing)),
+        "duplicates": int((df["status"] == "duplicate").sum()),
+        "quarantined": {str(k): int(v) for k, v in sorted(q["reason"].value_counts().items())},
+        "sidecar_skipped": int(sidecars),
+        "patients": int(ing["patient_id"].nunique()),
+        "by_modality": {str(k): int(v) for k, v in sorted(ing["modality"].value_counts().items())},
+        "by_body_part": {str(k): int(v) for k, v in sorted(ing["body_part"].value_counts().items())},
+        "by_format": {str(k): int(v) for k, v in sorted(df["source_format"].value_counts().items())},
+    }
+
+
+def print_summary(s: dict, out) -> None:
+    q = sum(s["quarantined"].values())
+    print(f"ingest: {s['inputs']} inputs -> {s['ingested']} ingested, {s['duplicates']} duplicates, "
+          f"{q} quarantined; {s['sidecar_skipped']} sidecar files skipped; {s['patients']} patients "
+          f"(patient ids from: {s['patient_id_source']})")
+    for reason, n in s["quarantined"].items():
+        print(f"  quarantined {reason}: {n}")
+    print("  modality: " + ", ".join(f"{k} {v}" for k, v in s["by_modality"].items()))
+    print("  body part: " + ", ".join(f"{k} {v}" for k, v in s["by_body_part"].items()))
+    if s.get("label_from_folder"):
+        print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes)")
+    if s.get("patient_id_source") == "per-file":
+        print("  warning: some images have no patient id (each file is its own patient); "
+              "use --patient-id REGEX so splits can group a patient's images")
+    if s["inputs"] == 0:
+        print("  warning: no image inputs were found (only sidecar files); the store is empty")
+    print(f"  written: {Path(out) / 'manifest.parquet'}, {Path(out) / 'qc_summary.json'}")
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge_partitions(parts: list[Path], out: Path) -> dict:
+    """Join partition stores (same archive, options and key) into ``out``; equal to a single-machine run."""
+    plans = []
+    for p in parts:
+        pp = p / WORK_DIR / "plan.json"
+        if not pp.is_file():
+            raise UserError(f"{p}: not a partition store (no {WORK_DIR}/plan.json)")
+        plans.append(read_json(pp))
+    fps = {pl["fingerprint"] for pl in plans}
+    if len(fps) != 1:
+        raise UserError(f"{', '.join(map(str, parts))}: made from different files, options or de-id keys; cannot merge")
+    n_chunks = plans[0]["n_chunks"]
+    out = Path(out)
+    if (out / WORK_DIR / "plan.json").is_file():
+        if read_json(out / WORK_DIR / "plan.json")["fingerprint"] not in fps:
+            raise UserError(f"{out}: holds another ingest; choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; choose a new folder")
+    (out / WORK_DIR / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(out / WORK_DIR / "plan.json", plans[0])
+    for k in range(n_chunks):
+        dst = _chunk_paths(out, k)
+        if dst[1].is_file():
+            continue
+        src = next((tuple(_chunk_paths(p, k)) for p in parts if _chunk_paths(p, k)[1].is_file()), None)
+        if src is None:
+            raise UserError(f"chunk {k} of {n_chunks} is in none of the partitions; finish the missing partition first")
+        for s, d in ((src[0], dst[0]), (src[2], dst[2]), (src[1], dst[1])):  # manifest last
+            if s.is_file():
+                tmp = d.with_name(f"{d.name}.{os.getpid()}.tmp")
+                try:
+                    os.link(s, tmp)
+                except OSError:
+                    shutil.copyfile(s, tmp)
+                os.replace(tmp, d)
+    return finalise(out, range(n_chunks))

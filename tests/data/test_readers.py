@@ -1,0 +1,216 @@
+"""Readers: recognition by content, the DICOM intensity pipeline, PNG/TIFF/NIfTI/NPZ, vocabularies."""
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from radpretrain.data import readers as R
+
+
+def make_dicom(arr, path=None, *, modality="DX", photometric="MONOCHROME2", bits=12, slope=None, intercept=None,
+               window=None, preamble=True, **extra):
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientID = "PHI-TEST-1"
+    ds.PatientName = "DOE^JANE"
+    arr = np.asarray(arr)
+    ds.Rows, ds.Columns = arr.shape[:2]
+    ds.SamplesPerPixel = 1 if arr.ndim == 2 else 3
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if arr.dtype.itemsize == 1 else 16
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
+    if arr.ndim == 3:
+        ds.PlanarConfiguration = 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if path is None:
+        return ds
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return path
+
+
+def ramp(h=64, w=80, top=4095, dtype=np.uint16):
+    return (np.linspace(0, top, h * w).reshape(h, w)).astype(dtype)
+
+
+def test_sniff_by_content(tmp_path):
+    a = make_dicom(ramp(), tmp_path / "IM0001")                         # no extension
+    b = make_dicom(ramp(), tmp_path / "raw.bin", preamble=False)      # no preamble, no meta
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.dat", format="PNG")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "y.jpg")
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "z.tif")
+    (tmp_path / "notes.txt").write_text("PatientName: DOE^JANE")
+    (tmp_path / "page.dcm").write_text("<html>504 Gateway Time-out</html>")
+    (tmp_path / "zero").write_bytes(b"")
+    kinds = {p.name: R.sniff(p) for p in tmp_path.iterdir()}
+    assert kinds == {"IM0001": "dicom", "raw.bin": "dicom", "x.dat": "png", "y.jpg": "jpeg", "z.tif": "tiff",
+                     "notes.txt": "sidecar", "page.dcm": "unknown", "zero": "empty"}
+    img, meta = R.load_image(b)   # decodable without file meta
+    assert img.shape == (64, 80) and meta["source_format"] == "dicom"
+
+
+def test_dicom_rescale_window_and_monochrome1():
+    arr = ramp(top=4000)
+    img, meta = R.load_image(make_dicom(arr, slope=2.0, intercept=-1000.0, window=(3000.0, 2000.0)))
+    x = arr.astype(np.float64) * 2 - 1000  # modality LUT; then window 2000..4000
+    expected = np.clip((x - 2000) / 2000, 0, 1)
+    assert np.abs(img - expected).max() < 0.01
+    mono2, _ = R.load_image(make_dicom(arr))
+    mono1, m1 = R.load_image(make_dicom(arr, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(mono1, 1 - mono2, atol=1e-6)  # inverted: high raw values are dark
+    assert m1["photometric"] == "MONOCHROME1" and m1["patient_id"] == "PHI-TEST-1"
+
+
+def test_dicom_percentile_without_window_and_ct_mr():
+    arr = ramp()
+    img, _ = R.load_image(make_dicom(arr))
+    assert img.min() == 0 and img.max() == 1
+    hu = np.full((40, 40), 200, np.int16)
+    hu[:20] = -1000
+    ct, meta = R.load_image(make_dicom((hu + 1024).astype(np.uint16), modality="CT", slope=1.0, intercept=-1024.0))
+    assert meta["modality"] == "CT"
+    assert ct[0, 0] == pytest.approx(0.0) and ct[-1, 0] == pytest.approx(0.5)
+    mr, meta = R.load_image(make_dicom(ramp(top=1000), modality="MR"))
+    assert meta["modality"] == "MR" and mr.max() == 1.0
+
+
+def test_rgb_and_multiframe_dicom():
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 255
+    img, _ = R.load_image(make_dicom(rgb, photometric="RGB", bits=8, modality="OT"))
+    assert img.shape == (32, 32) and img.mean() == pytest.approx(0.299, abs=0.01)
+    frames = np.stack([ramp(32, 32), ramp(32, 32)[::-1]])
+    ds = make_dicom(frames[0])
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.tobytes()
+    first, meta = R.load_image(ds)
+    np.testing.assert_array_equal(first, R.load_image(make_dicom(frames[0]))[0])
+    assert meta["n_frames"] == 2
+
+
+def test_png_8_and_16_bit(tmp_path):
+    Image.fromarray(np.array([[0, 255], [51, 102]], np.uint8)).save(tmp_path / "a.png")
+    img, meta = R.load_image(tmp_path / "a.png")
+    np.testing.assert_allclose(img, [[0, 1], [0.2, 0.4]], atol=1e-6)
+    assert meta["source_format"] == "png"
+    Image.fromarray(np.array([[0, 4095], [1000, 2000]], np.uint16)).save(tmp_path / "b.png")
+    img, _ = R.load_image(tmp_path / "b.png")
+    np.testing.assert_allclose(img, np.array([[0, 4095], [1000, 2000]]) / 4095, atol=1e-6)
+    Image.fromarray(np.full((4, 4, 3), (0, 0, 255), np.uint8)).save(tmp_path / "c.png")
+    img, _ = R.load_image(tmp_path / "c.png")
+    assert img.mean() == pytest.approx(0.114, abs=0.01)
+
+
+def test_pydicom_data_monochrome1_radiograph_bone_bright():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG3_UNCI.dcm")  # CR, MONOCHROME1: high stored values are dark
+    raw = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    img, meta = R.load_image(path)
+    assert meta["photometric"] == "MONOCHROME1" and meta["modality"] == "CR"
+    inverted = raw.max() - raw
+    assert np.corrcoef(img.ravel()[::7], inverted.ravel()[::7])[0, 1] > 0.9
+    # bone (the brightest decile of the inverted raw image) is bright in ours
+    order = np.argsort(inverted.ravel(), kind="stable")
+    tenth = order.size // 10
+    flat = img.ravel()
+    assert flat[order[-tenth:]].mean() > flat[order[:tenth]].mean() + 0.3
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("rtplan.dcm", "no_pixel_data"),
+    ("MR_truncated.dcm", "decode_error"),
+    ("JPEG-lossy.dcm", "unsupported_transfer_syntax"),
+])
+def test_pydicom_data_broken_files(name, reason):
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(R.ReadError) as e:
+        R.load_image(get_testdata_file(name))
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "MR_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm", "SC_rgb_rle.dcm", "JPGExtended.dcm"])
+def test_pydicom_data_transfer_syntaxes_decode(name):
+    from pydicom.data import get_testdata_file
+
+    img, _ = R.load_image(get_testdata_file(name))
+    assert img.ndim == 2 and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1 and img.std() > 0.01
+
+
+def test_nifti_and_npz(tmp_path):
+    import nibabel as nib
+
+    vol = np.zeros((30, 20, 10), np.int16) - 1000
+    vol[10:20, 5:15, :] = 400
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    assert R.sniff(tmp_path / "v.nii.gz") == "nifti"
+    img, meta = R.load_image(tmp_path / "v.nii.gz", index=3)
+    assert meta["modality"] == "CT" and img.shape == (20, 30)   # rotated: rows = y
+    assert img.max() == pytest.approx((400 + 1000) / 2400)
+    assert R.nifti_slice_indices(10, 3) == [2, 5, 7]
+    assert R.nifti_slice_indices(2, 5) == [0, 1]
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((3, 28, 28), np.uint8), train_labels=np.ones((3, 1)),
+             val_images=np.full((2, 28, 28), 255, np.uint8))
+    assert R.sniff(tmp_path / "m.npz") == "npz"
+    assert R.npz_image_keys(tmp_path / "m.npz") == [("train_images", 3, "train_labels"), ("val_images", 2, None)]
+
+
+@pytest.mark.parametrize("bpe,descs,expected", [
+    ("KNEE", (), "knee"), ("L SPINE", (), "spine"), ("Schulter li", (), "shoulder"), ("", ("XR CHEST PA",), "chest"),
+    ("LEG", ("CT FEMUR SMITH",), "femur"), ("LEG", ("",), "leg"), ("EXTREMITY", (), "other"), (None, (None,), "unknown"),
+    ("LOWER LIMB", ("AX femur",), "femur"), ("MANO", (), "hand"),
+])
+def test_body_part_vocabulary(bpe, descs, expected):
+    assert R.normalise_body_part(bpe, *descs) == expected
+    assert expected in R.BODY_PARTS
+
+
+def test_view_vocabulary():
+    assert R.normalise_view("AP") == "AP"
+    assert R.normalise_view("LL") == "LAT"
+    assert R.normalise_view("RAO") == "OBL"
+    assert R.normalise_view("XYZ") == "other"
+    assert R.normalise_view("", "knee lateral") == "LAT"
+    assert R.normalise_view(None) == "unknown"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(photometric="MONOCHROME1", window=(2000.0, 3000.0)),
+                                dict(modality="CT", slope=1.0, intercept=-1024.0), dict(modality="MR")])
+def test_lookup_table_path_equals_direct_transfer(kw):
+    arr = ramp(400, 300, top=4095)          # > 65536 pixels: the lookup-table path
+    ds = make_dicom(arr, **kw)
+    img, _ = R.load_image(ds)
+    direct = R.grey_transfer(arr, ds)(arr)
+    np.testing.assert_allclose(img, direct, atol=1e-6)
+    assert img.min() >= 0 and img.max() <= 1 and img.std() > 0.1
+
+
+def test_lookup_table_path_signed_pixels():
+    arr = (ramp(400, 300, top=4000).astype(np.int32) - 2000).astype(np.int16)   # negative values too
+    ds = make_dicom(arr, modality="CT", slope=1.0, intercept=0.0)
+    img, _ = R.load_image(ds)
+    np.testing.assert_allclose(img, np.clip((arr.astype(np.float64) + 1000) / 2400, 0, 1), atol=1e-5)
+    ds = make_dicom(arr)   # percentile window, lookup table over the int16 range
+    img, _ = R.load_image(ds)
+    np.testing.assert_allclose(img, R.grey_transfer(arr, ds)(arr), atol=1e-6)
