@@ -1,0 +1,381 @@
+"""Evaluation protocols: linear probe, kNN and full fine-tuning.
+
+All protocols get the same inputs: the images of the labelled subset (preloaded,
+letterboxed, ``uint8`` [N, 1, S, S]), targets ``y`` (class index or float) and
+three disjoint index arrays (train / val / test) into them.  Hyper-parameters
+(``C``, ``k``, learning rate, epoch of early stopping) are chosen on *val only*;
+test predictions are produced once, by the chosen model.
+
+- :func:`linear_probe`: scikit-learn ``LogisticRegression`` (``Ridge`` for
+  regression) on standardised frozen features.
+- :func:`knn_probe`: cosine k-nearest neighbours on frozen features.
+- :func:`finetune`: a plain PyTorch loop (CPU-friendly) training encoder + linear
+  head, with optional head-only warm-up, early stopping, learning-rate sweep,
+  augmentation and class balancing.
+
+Frozen features come from :func:`extract_features` (one pass per init, reused
+for every fold and label fraction).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radpretrain.errors import UserError
+from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, metric_value, primary_metric
+from radpretrain.utils import get_logger
+
+log = get_logger("evaluate")
+
+POOLS = ("default", "mean", "cls", "flat")
+
+DEFAULTS = {
+    "linear": {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], "alpha": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0],
+               "max_iter": 3000},
+    "knn": {"k": [1, 3, 5, 10, 20, 50]},
+    "finetune": {"epochs": 10, "lr": 1e-3, "lr_sweep": None, "weight_decay": 1e-4, "batch_size": 32,
+                 "warmup_epochs": 0, "patience": 3, "flip": True, "rotate": 10.0, "crop": 0.1,
+                 "brightness": 0.1, "contrast": 0.1, "augment": True},
+}
+
+
+# -- feature extraction --------------------------------------------------------
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.to(torch.float32).mul_(1 / 255)
+
+
+@torch.no_grad()
+def extract_features(encoder, images_u8: torch.Tensor, pool: str = "default", batch_size: int = 64) -> np.ndarray:
+    """Frozen features of every image: ``[N, D]`` float32.
+
+    ``pool``: ``default`` (the model's own pooled output) or, for ViTs, ``mean``
+    (patch tokens averaged), ``cls`` (the class token) or ``flat`` (all patch
+    tokens concatenated), the three aggregations the MAE pilot compared.
+    """
+    if pool not in POOLS:
+        raise UserError(f"pool={pool!r}: choose one of {', '.join(POOLS)}")
+    if pool != "default" and not encoder.is_vit:
+        raise UserError(f"pool={pool}: token aggregation needs a ViT backbone (this one pools itself); use pool=default")
+    encoder.eval()
+    out = []
+    for s in range(0, len(images_u8), batch_size):
+        x = to_float(images_u8[s : s + batch_size])
+        if pool == "default":
+            f = encoder(x)
+        else:
+            t = encoder.tokens(x)
+            npt = int(getattr(encoder.model, "num_prefix_tokens", 1))
+            if pool == "cls":
+                if npt < 1:
+                    raise UserError("pool=cls: this ViT has no class token")
+                f = t[:, 0]
+            elif pool == "mean":
+                f = t[:, npt:].mean(dim=1)
+            else:
+                f = t[:, npt:].flatten(1)
+        out.append(f.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.num_features), np.float32)
+
+
+# -- model selection helpers -----------------------------------------------------
+
+def _val_score(task: str, y_val: np.ndarray, s_val: np.ndarray) -> float:
+    """Higher is better; falls back to accuracy / -MAE when the headline metric is undefined on val."""
+    m = primary_metric(task)
+    v = metric_value(m, task, y_val, s_val)
+    if not np.isfinite(v):
+        m = "accuracy" if task != "regression" else "mae"
+        v = metric_value(m, task, y_val, s_val)
+    return v if HIGHER_IS_BETTER[m] else -v
+
+
+def _full_proba(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """``predict_proba`` laid out over all ``n_classes`` (classes absent from train get 0)."""
+    p = clf.predict_proba(X)
+    out = np.zeros((len(X), n_classes))
+    out[:, np.asarray(clf.classes_, dtype=int)] = p
+    return out
+
+
+def _as_task_scores(task: str, proba: np.ndarray) -> np.ndarray:
+    return proba[:, 1] if task == "binary" else proba
+
+
+@dataclass
+class ProbeResult:
+    test_scores: np.ndarray
+    val_scores: np.ndarray
+    chosen: dict
+    seconds: float
+
+
+def _check_train(task: str, y_train: np.ndarray):
+    if len(y_train) == 0:
+        raise UserError("a training subset is empty; use a larger label fraction or fewer folds")
+    if task != "regression" and len(np.unique(y_train)) < 2:
+        raise UserError("a training subset holds a single class; use a larger label fraction")
+
+
+def linear_probe(task: str, n_classes: int, Xtr, ytr, Xva, yva, Xte, opts: dict | None = None,
+                 balance: str = "none", seed: int = 0) -> ProbeResult:
+    """Logistic regression (Ridge for regression) with its regularisation chosen on val.
+
+    The ``C`` grid is walked from strong to weak regularisation with warm starts (a
+    regularisation path).  BLAS runs single-threaded here: these fits are small, and
+    multi-threaded BLAS on a busy 2-core machine was measured 4x slower.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _linear_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed)
+
+
+def _linear_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed) -> ProbeResult:
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    o = {**DEFAULTS["linear"], **(opts or {})}
+    t0 = time.time()
+    _check_train(task, ytr)
+    scaler = StandardScaler().fit(Xtr)
+    Xtr, Xva, Xte = scaler.transform(Xtr), scaler.transform(Xva), scaler.transform(Xte)
+    best = None
+    if task == "regression":
+        mu, sd = float(np.mean(ytr)), float(np.std(ytr) or 1.0)
+        for a in _as_list(o["alpha"]):
+            m = Ridge(alpha=float(a)).fit(Xtr, (ytr - mu) / sd)
+            sv = m.predict(Xva) * sd + mu
+            sc = _val_score(task, yva, sv) if len(yva) else 0.0
+            if best is None or sc > best[0]:
+                best = (sc, {"alpha": float(a)}, m)
+        model = best[2]
+        return ProbeResult(model.predict(Xte) * sd + mu, model.predict(Xva) * sd + mu, best[1], time.time() - t0)
+    cw = "balanced" if balance in ("weights", "sampler") else None
+    m = LogisticRegression(max_iter=int(o["max_iter"]), class_weight=cw, random_state=seed, warm_start=True)
+    for c in sorted(float(c) for c in _as_list(o["C"])):
+        m.set_params(C=c)
+        m.fit(Xtr, ytr)
+        sv = _as_task_scores(task, _full_proba(m, Xva, n_classes))
+        sc = _val_score(task, yva, sv) if len(yva) else 0.0
+        if best is None or sc > best[0]:
+            best = (sc, {"C": c}, copy.deepcopy(m))
+    model = best[2]
+    return ProbeResult(_as_task_scores(task, _full_proba(model, Xte, n_classes)),
+                       _as_task_scores(task, _full_proba(model, Xva, n_classes)), best[1], time.time() - t0)
+
+
+def knn_probe(task: str, n_classes: int, Xtr, ytr, Xva, yva, Xte, opts: dict | None = None,
+              balance: str = "none", seed: int = 0) -> ProbeResult:
+    """Cosine kNN with ``k`` chosen on val (single-threaded BLAS, see :func:`linear_probe`)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _knn_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed)
+
+
+def _knn_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed) -> ProbeResult:
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+    o = {**DEFAULTS["knn"], **(opts or {})}
+    t0 = time.time()
+    _check_train(task, ytr)
+    ks = sorted({min(int(k), len(ytr)) for k in _as_list(o["k"])})
+    best = None
+    for k in ks:
+        if task == "regression":
+            m = KNeighborsRegressor(n_neighbors=k, metric="cosine").fit(Xtr, ytr)
+            sv = m.predict(Xva)
+        else:
+            m = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(Xtr, ytr)
+            sv = _as_task_scores(task, _full_proba(m, Xva, n_classes))
+        sc = _val_score(task, yva, sv) if len(yva) else 0.0
+        if best is None or sc > best[0]:
+            best = (sc, {"k": k}, m)
+    m = best[2]
+    if task == "regression":
+        return ProbeResult(m.predict(Xte), m.predict(Xva), best[1], time.time() - t0)
+    return ProbeResult(_as_task_scores(task, _full_proba(m, Xte, n_classes)),
+                       _as_task_scores(task, _full_proba(m, Xva, n_classes)), best[1], time.time() - t0)
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if isinstance(v, str):
+        return [float(x) for x in v.split(",") if x.strip()]
+    return [v]
+
+
+# -- fine-tuning ------------------------------------------------------------------
+
+def augment_batch(x: torch.Tensor, o: dict, gen: torch.Generator) -> torch.Tensor:
+    """Random flip, small rotation + scale crop, brightness/contrast on a [B, 1, S, S] batch in [0, 1]."""
+    b = x.shape[0]
+    if o.get("flip", True):
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    rot = float(o.get("rotate", 0.0))
+    crop = float(o.get("crop", 0.0))
+    if rot > 0 or crop > 0:
+        ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(rot)
+        scale = 1 - torch.rand(b, generator=gen) * crop          # zoom in by up to `crop`
+        tx = (torch.rand(b, generator=gen) * 2 - 1) * crop
+        ty = (torch.rand(b, generator=gen) * 2 - 1) * crop
+        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    br, ct = float(o.get("brightness", 0.0)), float(o.get("contrast", 0.0))
+    if br > 0 or ct > 0:
+        c = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * ct
+        d = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * br
+        m = x.mean(dim=(2, 3), keepdim=True)
+        x = ((x - m) * c + m + d).clamp_(0, 1)
+    return x
+
+
+class Classifier(nn.Module):
+    """Encoder (an :class:`~radpretrain.evaluate.inits.InitEncoder`) plus a linear head."""
+
+    def __init__(self, encoder, n_out: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.num_features, n_out)
+
+    def forward(self, img01):
+        return self.head(self.encoder(img01))
+
+
+def _loss_fn(task: str, ytr: np.ndarray, n_classes: int, balance: str):
+    if task == "binary":
+        pw = None
+        if balance == "weights":
+            pos = max(1, int((ytr == 1).sum()))
+            pw = torch.tensor([(len(ytr) - pos) / pos], dtype=torch.float32)
+        return lambda out, y: F.binary_cross_entropy_with_logits(out[:, 0], y.float(), pos_weight=pw)
+    if task == "multiclass":
+        w = None
+        if balance == "weights":
+            counts = np.bincount(ytr.astype(int), minlength=n_classes).astype(float)
+            w = torch.tensor(np.where(counts > 0, len(ytr) / (n_classes * np.maximum(counts, 1)), 0.0), dtype=torch.float32)
+        return lambda out, y: F.cross_entropy(out, y.long(), weight=w)
+    return lambda out, y: F.mse_loss(out[:, 0], y.float())
+
+
+def _scores(task: str, out: torch.Tensor, mu: float, sd: float) -> np.ndarray:
+    if task == "binary":
+        return torch.sigmoid(out[:, 0]).numpy()
+    if task == "multiclass":
+        return torch.softmax(out, dim=1).numpy()
+    return out[:, 0].numpy() * sd + mu
+
+
+@torch.no_grad()
+def _predict(model, images_u8, idx, batch_size) -> torch.Tensor:
+    model.eval()
+    outs = [model(to_float(images_u8[idx[s : s + batch_size]])) for s in range(0, len(idx), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0, model.head.out_features)
+
+
+def _train_one(make_encoder: Callable, task, n_classes, images_u8, y, tr, va, lr, o, balance, seed):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    enc = make_encoder()
+    n_out = n_classes if task == "multiclass" else 1
+    model = Classifier(enc, n_out)
+    ytr = y[tr]
+    mu, sd = (float(np.mean(ytr)), float(np.std(ytr) or 1.0)) if task == "regression" else (0.0, 1.0)
+    yt = torch.tensor(np.array((y - mu) / sd if task == "regression" else y))
+    loss_fn = _loss_fn(task, ytr, n_classes, balance)
+    bs = int(o["batch_size"])
+    epochs, warm = int(o["epochs"]), int(o["warmup_epochs"])
+    patience = int(o["patience"]) if o.get("patience") is not None else 0
+    sample_w = None
+    if balance == "sampler" and task != "regression":
+        counts = np.bincount(ytr.astype(int), minlength=n_classes).astype(float)
+        sample_w = torch.as_tensor(1.0 / counts[ytr.astype(int)], dtype=torch.float64)
+    history, best = [], (math.inf, None, -1)
+    bad = 0
+    opt = None
+    for ep in range(epochs):
+        head_only = ep < warm
+        if opt is None or ep == warm:
+            for p in model.encoder.parameters():
+                p.requires_grad_(not head_only)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(o["weight_decay"]))
+        model.train()
+        if head_only:
+            model.encoder.eval()  # frozen encoder keeps its BatchNorm statistics
+        if sample_w is not None:
+            order = tr[torch.multinomial(sample_w, len(tr), replacement=True, generator=gen).numpy()]
+        else:
+            order = tr[torch.randperm(len(tr), generator=gen).numpy()]
+        tot, n = 0.0, 0
+        for s in range(0, len(order), bs):
+            bi = order[s : s + bs]
+            if len(bi) < 2:  # BatchNorm cannot train on one sample
+                continue
+            x = to_float(images_u8[bi])
+            if o.get("augment", True):
+                x = augment_batch(x, o, gen)
+            loss = loss_fn(model(x), yt[bi])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(bi)
+            n += len(bi)
+        out_va = _predict(model, images_u8, va, bs)
+        vloss = float(loss_fn(out_va, yt[va])) if len(va) else float("nan")
+        vscore = _val_score(task, y[va], _scores(task, out_va, mu, sd)) if len(va) else float("nan")
+        history.append({"epoch": ep + 1, "train_loss": tot / max(n, 1), "val_loss": vloss, "val_score": vscore,
+                        "head_only": head_only})
+        key = vloss if np.isfinite(vloss) else -ep  # no val set: keep the last epoch
+        if key < best[0]:
+            best, bad = (key, copy.deepcopy(model.state_dict()), ep + 1), 0
+        else:
+            bad += 1
+            if patience and bad >= patience and ep + 1 > warm:
+                break
+    model.load_state_dict(best[1])
+    return model, history, best[2], (mu, sd)
+
+
+def finetune(make_encoder: Callable, task: str, n_classes: int, images_u8: torch.Tensor, y: np.ndarray,
+             tr: np.ndarray, va: np.ndarray, te: np.ndarray, opts: dict | None = None,
+             balance: str = "none", seed: int = 0) -> ProbeResult:
+    """Fine-tune all layers (after ``warmup_epochs`` head-only epochs); pick lr and epoch on val.
+
+    ``make_encoder()`` must return a fresh encoder each call (one per learning rate).
+    ``chosen`` holds the chosen lr, the best epoch and the loss history of every lr tried.
+    """
+    o = {**DEFAULTS["finetune"], **(opts or {})}
+    t0 = time.time()
+    _check_train(task, y[tr])
+    lrs = _as_list(o["lr_sweep"]) or [float(o["lr"])]
+    best = None
+    tried = []
+    for lr in lrs:
+        model, hist, best_ep, (mu, sd) = _train_one(make_encoder, task, n_classes, images_u8, y, tr, va,
+                                                   float(lr), o, balance, seed)
+        sv = _scores(task, _predict(model, images_u8, va, int(o["batch_size"])), mu, sd)
+        sc = _val_score(task, y[va], sv) if len(va) else 0.0
+        tried.append({"lr": float(lr), "val_score": float(sc), "best_epoch": best_ep, "history": hist})
+        if best is None or sc > best[0]:
+            best = (sc, model, float(lr), best_ep, (mu, sd), sv)
+        log.debug("finetune lr=%g val=%.4f best_epoch=%d", lr, sc, best_ep)
+    _, model, lr, best_ep, (mu, sd), sv = best
+    st = _scores(task, _predict(model, images_u8, te, int(o["batch_size"])), mu, sd)
+    return ProbeResult(st, sv, {"lr": lr, "best_epoch": best_ep, "tried": tried}, time.time() - t0)

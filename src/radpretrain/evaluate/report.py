@@ -1,0 +1,433 @@
+"""The evaluation report: ``report.html`` (self-contained) and ``report.md``.
+
+:func:`write_report` reads an ``evaluate`` output folder (``summary.json``,
+``results.csv``, ``comparisons.csv``, ``predictions.parquet``,
+``finetune_history.json``) and writes
+
+- ``report.html``: opens offline; every figure is an embedded base64 PNG, the style
+  sheet is inline, there is no script;
+- ``report.md`` + ``figures/*.png``: the same content for a repository or a paper draft.
+
+Contents: a verdict in words, the headline table (metric with 95 % CI, delta vs
+scratch and vs ImageNet with paired-bootstrap CI and p, DeLong p for AUC),
+label-efficiency curves, ROC curves, confusion matrices, fine-tuning loss curves,
+per-fold values and the setup (data counts, splits, leakage check, seeds,
+versions).  See docs/report.md for how to read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, METRIC_LABELS, primary_metric
+from radpretrain.utils import read_json
+
+COLORS = {"scratch": "#7f7f7f", "imagenet": "#1f77b4"}
+PALETTE = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#f3f3f3}
+td.l,th.l{text-align:left}.better{color:#1a7f37;font-weight:600}.worse{color:#b42318;font-weight:600}
+.verdict{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.6em 1em;margin:1em 0}
+img{max-width:100%;height:auto}.small{color:#666;font-size:.85em}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _color(init: str, inits: list[str]) -> str:
+    if init in COLORS:
+        return COLORS[init]
+    others = [i for i in inits if i not in COLORS]
+    return PALETTE[others.index(init) % len(PALETTE)] if init in others else "#000"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _fmt_p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _frac(f) -> str:
+    return f"{float(f) * 100:g} %"
+
+
+# -- figures ---------------------------------------------------------------------------
+
+def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str]) -> Figure | None:
+    pooled = results[(results["fold"] == "pooled") & (results["metric"] == metric)]
+    protos = list(dict.fromkeys(pooled["protocol"]))
+    if not protos:
+        return None
+    fig = Figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(protos), squeeze=False)[0]
+    for ax, proto in zip(axes, protos):
+        g = pooled[pooled["protocol"] == proto]
+        for init in inits:
+            d = g[g["init"] == init].sort_values("fraction")
+            if not len(d):
+                continue
+            x = d["fraction"].to_numpy(float) * 100
+            c = _color(init, inits)
+            ax.plot(x, d["value"], marker="o", color=c, label=init)
+            ax.fill_between(x, d["ci_low"], d["ci_high"], color=c, alpha=0.15, linewidth=0)
+        fr = sorted(g["fraction"].unique())
+        if len(fr) > 1 and fr[-1] / fr[0] >= 5:
+            ax.set_xscale("log")
+        ax.set_xticks([f * 100 for f in fr], [f"{f * 100:g}" for f in fr])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled patients (%)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(proto)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Label efficiency (pooled out-of-fold, 95 % CI by patient bootstrap)", fontsize=10)
+    return fig
+
+
+def fig_roc(preds: pd.DataFrame, inits: list[str]) -> Figure | None:
+    from sklearn.metrics import roc_curve
+
+    protos = list(dict.fromkeys(preds["protocol"]))
+    fracs = sorted(preds["fraction"].unique())
+    show = [fracs[0]] + ([fracs[-1]] if len(fracs) > 1 else [])
+    fig = Figure(figsize=(3.6 * len(show), 3.4 * len(protos)), layout="constrained")
+    axes = fig.subplots(len(protos), len(show), squeeze=False)
+    for i, proto in enumerate(protos):
+        for j, fr in enumerate(show):
+            ax = axes[i][j]
+            for init in inits:
+                d = preds[(preds["protocol"] == proto) & (preds["fraction"] == fr) & (preds["init"] == init)]
+                if len(d) and d["y_true"].nunique() == 2:
+                    fpr, tpr, _ = roc_curve(d["y_true"], d["y_score"])
+                    ax.plot(fpr, tpr, color=_color(init, inits), label=init)
+            ax.plot([0, 1], [0, 1], ls=":", color="#aaa")
+            ax.set_title(f"{proto}, {_frac(fr)} labels", fontsize=9)
+            ax.set_xlabel("1 - specificity")
+            ax.set_ylabel("sensitivity")
+            ax.set_aspect("equal")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def fig_confusion(preds: pd.DataFrame, task: str, classes: list[str], inits: list[str]) -> Figure | None:
+    from sklearn.metrics import confusion_matrix
+
+    protos = list(dict.fromkeys(preds["protocol"]))
+    fracs = sorted(preds["fraction"].unique())
+    fr = fracs[0]
+    n = len(classes)
+    fig = Figure(figsize=(2.6 * len(inits) + 0.5, 2.6 * len(protos) + 0.4), layout="constrained")
+    axes = fig.subplots(len(protos), len(inits), squeeze=False)
+    for i, proto in enumerate(protos):
+        for j, init in enumerate(inits):
+            ax = axes[i][j]
+            d = preds[(preds["protocol"] == proto) & (preds["fraction"] == fr) & (preds["init"] == init)]
+            if not len(d):
+                ax.axis("off")
+                continue
+            cm = confusion_matrix(d["y_true"], d["y_pred"].astype(int), labels=list(range(n)))
+            rown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+            ax.imshow(rown, cmap="Blues", vmin=0, vmax=1)
+            for a in range(n):
+                for b in range(n):
+                    ax.text(b, a, str(cm[a, b]), ha="center", va="center", fontsize=7,
+                            color="white" if rown[a, b] > 0.6 else "black")
+            ticks = [c[:10] for c in classes]
+            ax.set_xticks(range(n), ticks, fontsize=6, rotation=45)
+            ax.set_yticks(range(n), ticks, fontsize=6)
+            ax.set_title(f"{init} / {proto}", fontsize=8)
+            ax.set_xlabel("predicted", fontsize=7)
+            ax.set_ylabel("true", fontsize=7)
+    fig.suptitle(f"Confusion matrices at {_frac(fr)} labels (counts; colour = row share)", fontsize=9)
+    return fig
+
+
+def fig_regression(preds: pd.DataFrame, inits: list[str]) -> Figure | None:
+    protos = list(dict.fromkeys(preds["protocol"]))
+    fr = sorted(preds["fraction"].unique())[-1]
+    fig = Figure(figsize=(3.4 * len(protos), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(protos), squeeze=False)[0]
+    for ax, proto in zip(axes, protos):
+        for init in inits:
+            d = preds[(preds["protocol"] == proto) & (preds["fraction"] == fr) & (preds["init"] == init)]
+            ax.scatter(d["y_true"], d["y_score"], s=6, alpha=0.5, color=_color(init, inits), label=init)
+        lo, hi = preds["y_true"].min(), preds["y_true"].max()
+        ax.plot([lo, hi], [lo, hi], ls=":", color="#888")
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+        ax.set_title(f"{proto}, {_frac(fr)} labels", fontsize=9)
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def fig_losses(histories: dict, inits: list[str]) -> Figure | None:
+    if not histories:
+        return None
+    fracs = sorted({k.split("/")[0] for h in histories.values() for k in h}, key=float)
+    fig = Figure(figsize=(3.8 * len(fracs), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(fracs), squeeze=False)[0]
+    for ax, fr in zip(axes, fracs):
+        for init in inits:
+            runs = histories.get(init, {})
+            key = next((k for k in sorted(runs) if k.split("/")[0] == fr), None)
+            if key is None:
+                continue
+            tried = runs[key]
+            best = max(tried, key=lambda t: t["val_score"] if np.isfinite(t["val_score"]) else -np.inf)
+            h = best["history"]
+            ep = [r["epoch"] for r in h]
+            c = _color(init, inits)
+            ax.plot(ep, [r["train_loss"] for r in h], color=c, label=f"{init} train")
+            ax.plot(ep, [r["val_loss"] for r in h], color=c, ls="--", label=f"{init} val")
+            ax.axvline(best["best_epoch"], color=c, ls=":", alpha=0.6)
+        ax.set_title(f"fine-tune, {_frac(fr)} labels (fold {key.split('/')[1] if key else '?'})", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+# -- text ---------------------------------------------------------------------------------
+
+def verdicts(summary: dict) -> list[str]:
+    """One sentence per (pretrained init, protocol, fraction) against scratch and ImageNet."""
+    out = []
+    metric = primary_metric(summary["task"])
+    hib = HIGHER_IS_BETTER[metric]
+    for r in summary.get("headline", []):
+        if r["init"] in ("scratch", "imagenet") and r["init"] != "imagenet":
+            continue
+        parts = []
+        for ref in ("scratch", "imagenet"):
+            if r["init"] == ref or f"delta_vs_{ref}" not in r:
+                continue
+            d, (lo, hi), p = r[f"delta_vs_{ref}"], r[f"delta_vs_{ref}_ci"], r[f"p_vs_{ref}"]
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                word = "could not be compared with"
+            elif (lo > 0) == hib and (lo > 0 or hi < 0):
+                word = "was better than"
+            elif lo > 0 or hi < 0:
+                word = "was worse than"
+            else:
+                word = "was not distinguishable from"
+            parts.append(f"{word} {ref} (Δ {d:+.3f}, 95 % CI {lo:+.3f} to {hi:+.3f}, p {_fmt_p(p)})")
+        if parts:
+            out.append(f"{r['init']} / {r['protocol']} / {_frac(r['fraction'])} labels: "
+                       f"{METRIC_LABELS.get(metric, metric)} {r['value']:.3f}; " + "; ".join(parts) + ".")
+    return out
+
+
+def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    metric = primary_metric(summary["task"])
+    hib = HIGHER_IS_BETTER[metric]
+    refs = [r for r in ("scratch", "imagenet") if r in summary.get("inits", {})]
+    names = {"scratch": "scratch", "imagenet": "ImageNet"}
+    head = ["protocol", "labels", "init", f"{METRIC_LABELS.get(metric, metric)} [95 % CI]"]
+    for ref in refs:
+        head += [f"Δ vs {names[ref]} [CI]", "p"]
+    if summary["task"] == "binary":
+        head += [f"DeLong p vs {names[ref]}" for ref in refs]
+    rows = []
+    for r in summary.get("headline", []):
+        row = [r["protocol"], _frac(r["fraction"]), r["init"],
+               f"{_fmt(r['value'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"]
+        for ref in refs:
+            if f"delta_vs_{ref}" in r:
+                lo, hi = r[f"delta_vs_{ref}_ci"]
+                sig = ""
+                if np.isfinite(lo) and (lo > 0 or hi < 0):
+                    sig = "better" if (lo > 0) == hib else "worse"
+                row += [(sig, f"{r[f'delta_vs_{ref}']:+.3f} [{lo:+.3f}, {hi:+.3f}]"), _fmt_p(r[f"p_vs_{ref}"])]
+            else:
+                row += ["–", "–"]
+        if summary["task"] == "binary":
+            row += [_fmt_p(r.get(f"delong_p_vs_{ref}", np.nan)) for ref in refs]
+        rows.append(row)
+    return head, rows
+
+
+def setup_items(summary: dict) -> list[tuple[str, str]]:
+    s = summary
+    sp = s["splits"]
+    c = s["counts"]
+    items = [
+        ("target", f"{s['target'].get('expression')} ({s['task']}; classes: {', '.join(s['classes']) or 'numeric'})"),
+        ("data", f"{c['images']} labelled images of {c['patients']} patients "
+                 f"({c['unlabelled_images_skipped']} images without a value skipped)"
+                 + (f"; per class: {json.dumps(c['per_class'])}" if c.get("per_class") else "")),
+        ("splits", f"{sp['folds']} patient-grouped folds from {sp['source']}; {sp['evaluated_folds']} evaluated; "
+                   f"test = fold k, val = {sp.get('val', 0.1) * 100:g} % of the other folds' patients, train = the rest; "
+                   f"label fractions "
+                   f"{', '.join(_frac(f) for f in sp['fractions'])} of patients (nested, stratified), "
+                   f"validation labels: {sp['val_fraction']}"),
+        ("leakage check", ("passed: no patient in more than one of train/val/test in any of "
+                           f"{sp['leakage_check']['checked_sets']} fold/fraction sets")
+         if sp["leakage_check"].get("ok") else "FAILED"),
+        ("backbone / input", f"{s['backbone']}, {s['image_size']} px letterbox, grey input ({s['options'].get('grey')})"),
+        ("inits", "; ".join(f"{k}: {v.get('kind')} (mean {np.round(v.get('mean'), 4).tolist()}, "
+                            f"std {np.round(v.get('std'), 4).tolist()} from {v.get('stats')})"
+                            for k, v in s["inits"].items())),
+        ("protocols", ", ".join(s["protocols"]) + "; hyper-parameters chosen on validation only"),
+        ("statistics", f"95 % CIs: percentile bootstrap over patients ({s['options'].get('n_boot')} resamples); "
+                       "Δ: paired bootstrap over patients; DeLong: image-level, binary AUC"),
+        ("seed / class balance", f"{s['seed']} / {s['balance']}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v != "not installed")),
+        ("run time", f"{s.get('seconds', 0):.0f} s"),
+    ]
+    return items
+
+
+def _html_table(head, rows) -> str:
+    h = "".join(f"<th class='l'>{html.escape(x)}</th>" if i < 3 else f"<th>{html.escape(x)}</th>"
+                for i, x in enumerate(head))
+    body = []
+    for r in rows:
+        cells = []
+        for i, x in enumerate(r):
+            cls = "l" if i < 3 else ""
+            if isinstance(x, tuple):
+                cls += f" {x[0]}" if x[0] else ""
+                x = x[1]
+            cells.append(f"<td class='{cls.strip()}'>{html.escape(str(x))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+
+
+def _md_table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for x in r:
+            if isinstance(x, tuple):
+                x = f"**{x[1]}**" if x[0] else x[1]
+            cells.append(str(x))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _all_metrics_table(results: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    pooled = results[results["fold"] == "pooled"]
+    metrics = list(dict.fromkeys(pooled["metric"]))
+    head = ["protocol", "labels", "init"] + [METRIC_LABELS.get(m, m) for m in metrics]
+    rows = []
+    for (proto, frac, init), g in pooled.groupby(["protocol", "fraction", "init"], sort=False):
+        row = [proto, _frac(frac), init]
+        for m in metrics:
+            d = g[g["metric"] == m]
+            row.append(f"{_fmt(d['value'].iloc[0])} [{_fmt(d['ci_low'].iloc[0])}, {_fmt(d['ci_high'].iloc[0])}]"
+                       if len(d) else "–")
+        rows.append(row)
+    return head, rows
+
+
+def _fold_table(results: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
+    d = results[(results["fold"] != "pooled") & (results["metric"] == metric)]
+    folds = sorted(d["fold"].unique(), key=int)
+    head = ["protocol", "labels", "init"] + [f"fold {f}" for f in folds] + ["mean ± sd"]
+    rows = []
+    for (proto, frac, init), g in d.groupby(["protocol", "fraction", "init"], sort=False):
+        vals = [g[g["fold"] == f]["value"] for f in folds]
+        vs = [float(v.iloc[0]) if len(v) else np.nan for v in vals]
+        arr = np.array([v for v in vs if np.isfinite(v)])
+        rows.append([proto, _frac(frac), init] + [_fmt(v) for v in vs]
+                    + [f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0:.3f}" if len(arr) else "–"])
+    return head, rows
+
+
+def write_report(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (+ ``figures/``) for an evaluate output folder."""
+    out = Path(out_dir)
+    summary = read_json(out / "summary.json")
+    results = pd.read_csv(out / "results.csv", dtype={"fold": str})
+    preds = pd.read_parquet(out / "predictions.parquet")
+    hist_path = out / "finetune_history.json"
+    histories = read_json(hist_path) if hist_path.is_file() else {}
+    task, classes = summary["task"], summary["classes"]
+    metric = primary_metric(task)
+    inits = list(summary["inits"])
+
+    figs: list[tuple[str, str, Figure | None]] = [
+        ("label_efficiency", "Label-efficiency curves", fig_label_efficiency(results, metric, inits))]
+    if task == "binary":
+        figs.append(("roc", "ROC curves (pooled out-of-fold)", fig_roc(preds, inits)))
+    if task in ("binary", "multiclass"):
+        figs.append(("confusion", "Confusion matrices", fig_confusion(preds, task, classes, inits)))
+    else:
+        figs.append(("regression", "Predicted vs true", fig_regression(preds, inits)))
+    figs.append(("finetune_loss", "Fine-tuning loss curves (chosen learning rate; dotted: epoch kept)",
+                 fig_losses(histories, inits)))
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    rendered = []
+    for key, title, fig in figs:
+        if fig is None:
+            continue
+        data = _png(fig)
+        (fig_dir / f"{key}.png").write_bytes(data)
+        rendered.append((key, title, data))
+
+    head, rows = headline_table(summary)
+    ahead, arows = _all_metrics_table(results)
+    fhead, frows = _fold_table(results, metric)
+    verdict = verdicts(summary)
+    title = f"radpretrain evaluate: {summary['target'].get('expression')}"
+
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='small'>{html.escape(summary['task'])} task, {summary['counts']['images']} images of "
+             f"{summary['counts']['patients']} patients, inits: {html.escape(', '.join(inits))}; "
+             f"headline metric: {html.escape(METRIC_LABELS.get(metric, metric))}</p>"]
+    if verdict:
+        parts.append("<div class='verdict'><b>At a glance</b><ul>"
+                     + "".join(f"<li>{html.escape(v)}</li>" for v in verdict) + "</ul></div>")
+    parts.append("<h2>Headline results</h2><p class='small'>Pooled out-of-fold predictions. Green/red: the 95 % "
+                 "CI of the difference excludes 0.</p>" + _html_table(head, rows))
+    for key, t, data in rendered:
+        parts.append(f"<h2>{html.escape(t)}</h2><img alt='{key}' src='data:image/png;base64,"
+                     f"{base64.b64encode(data).decode()}'>")
+    parts.append("<h2>All metrics</h2>" + _html_table(ahead, arows))
+    parts.append(f"<h2>Per fold ({html.escape(METRIC_LABELS.get(metric, metric))})</h2>" + _html_table(fhead, frows))
+    parts.append("<h2>Setup</h2><table>" + "".join(
+        f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(v)}</td></tr>"
+        for k, v in setup_items(summary)) + "</table>")
+    parts.append("<p class='small'>Exact image ids per fold and fraction: splits_used.parquet; predictions: "
+                 "predictions.parquet; tidy numbers: results.csv, comparisons.csv.</p></body></html>")
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+
+    md = [f"# {title}", ""]
+    if verdict:
+        md += ["**At a glance**", ""] + [f"- {v}" for v in verdict] + [""]
+    md += ["## Headline results", "", _md_table(head, rows), ""]
+    for key, t, _ in rendered:
+        md += [f"## {t}", "", f"![{key}](figures/{key}.png)", ""]
+    md += ["## All metrics", "", _md_table(ahead, arows), "", f"## Per fold ({METRIC_LABELS.get(metric, metric)})", "",
+           _md_table(fhead, frows), "", "## Setup", ""]
+    md += [f"- **{k}**: {v}" for k, v in setup_items(summary)]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return html_path, md_path
