@@ -1,0 +1,472 @@
+"""DeepCluster: k-means pseudo-labels on the network's own features, re-computed every epoch.
+
+Caron, Bojanowski, Joulin, Douze, "Deep Clustering for Unsupervised Learning of
+Visual Features", ECCV 2018.  Every epoch: extract features of all training
+images (no augmentation, eval mode), PCA-whiten them (256 dims in the paper),
+L2-normalise, cluster with k-means (faiss), use the assignments as class labels,
+re-initialise the classifier, sample images uniformly over the clusters, and
+train the network with cross-entropy on augmented views.  Empty clusters are
+avoided as in the paper: an empty cluster takes the centroid of a non-empty one
+with a small perturbation and the points of that cluster are shared between the
+two (see :func:`fix_empty_clusters`).
+
+The sarcoma study (seeds 000/001) pretrained an ImageNet-initialised ResNet50 on
+42,608 musculoskeletal radiographs with 1,000 clusters, batch 512, learning rate
+0.05 and 500 epochs (``configs/deepcluster_sarcoma.yaml``); it reported an NMI of
+0.930 between consecutive assignments and cluster sizes 2..135 (quartiles 20, 46,
+55).  The same statistics are logged here every epoch (Lightning logs
+``deepcluster/*`` and ``RUN/clusters.jsonl``).
+
+Differences from the paper's code: the input is already grey, so there is no Sobel
+filter; the features are the backbone's pooled features (``num_classes=0``) rather
+than the output of an extra MLP; PCA-whitening uses scikit-learn; the classifier is
+re-initialised in place (its optimiser state is cleared) instead of being a new
+module, so one optimiser covers the whole model.  Augmentation (random resized
+crop and horizontal flip) runs in torch on the batch, on the training device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radpretrain.config import get
+from radpretrain.errors import UserError
+from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.utils import get_logger
+
+log = get_logger("methods.deepcluster")
+
+
+# --------------------------------------------------------------------------- clustering
+def pca_whiten_l2(features: np.ndarray, dim: int = 256, eps: float = 1e-5) -> np.ndarray:
+    """PCA to ``dim`` components (fewer when there are fewer images), whitened, then L2-normalised rows.
+
+    As the paper's ``faiss.PCAMatrix(d, dim, eigen_power=-0.5)``: project on the top
+    eigenvectors of the feature covariance and divide by the square root of the
+    eigenvalues (plus ``eps``).  Computed in numpy from the D x D covariance (N > D)
+    or the SVD of the centred features (N <= D).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    n, d = x.shape
+    k = int(max(1, min(dim, d, n - 1)))
+    xc = x - x.mean(0, keepdims=True)
+    # Multi-threaded LAPACK on small matrices is slow (and dreadful on a busy machine): one thread.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1 if min(n, d) <= 4096 else None, user_api="blas"):
+        if n > d:
+            evals, evecs = np.linalg.eigh(xc.T @ xc / max(1, n - 1))
+            order = np.argsort(evals)[::-1][:k]
+            evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+        else:
+            _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+            evals, evecs = sv[:k] ** 2 / max(1, n - 1), vt[:k].T
+    y = (xc @ evecs) / np.sqrt(evals + eps)
+    y /= np.linalg.norm(y, axis=1, keepdims=True).clip(min=1e-12)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, rng: np.random.Generator,
+                       eps: float = 1.0 / 1024) -> tuple[np.ndarray, np.ndarray, int]:
+    """Give every empty cluster points by splitting a non-empty one (Caron et al. 2018, sec. 3.3).
+
+    For an empty cluster ``e``, a cluster ``c`` with at least two points is drawn with
+    probability proportional to ``size - 1``; ``e`` gets ``c``'s centroid scaled by
+    ``1 + eps`` and ``c``'s is scaled by ``1 - eps`` (alternating per dimension, as
+    faiss does); ``c``'s points go to the nearer of the two.  If the perturbation
+    separates nothing (identical points) half of ``c``'s points, chosen at random,
+    move to ``e``.  Returns ``(labels, centroids, n_fixed)``; needs ``N >= K``.
+    """
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    centroids = np.array(centroids, dtype=np.float32, copy=True)
+    k = centroids.shape[0]
+    if len(labels) < k:
+        raise UserError(f"cannot make {k} non-empty clusters from {len(labels)} images; lower deepcluster.num_clusters")
+    n_fixed = 0
+    sizes = np.bincount(labels, minlength=k)
+    sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for e in np.flatnonzero(sizes == 0):
+        p = np.maximum(sizes - 1, 0).astype(np.float64)
+        c = int(rng.choice(k, p=p / p.sum()))
+        base = centroids[c].copy()
+        centroids[e] = base * (1 + eps * sign)
+        centroids[c] = base * (1 - eps * sign)
+        members = np.flatnonzero(labels == c)
+        de = ((x[members] - centroids[e]) ** 2).sum(1)
+        dc = ((x[members] - centroids[c]) ** 2).sum(1)
+        to_e = de < dc
+        if to_e.all() or not to_e.any():
+            to_e = np.zeros(len(members), dtype=bool)
+            to_e[rng.permutation(len(members))[: len(members) // 2]] = True
+        labels[members[to_e]] = e
+        sizes[e], sizes[c] = int(to_e.sum()), int((~to_e).sum())
+        n_fixed += 1
+    return labels, centroids, n_fixed
+
+
+def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0) -> dict:
+    """k-means with faiss (best of ``nredo`` seeded runs), then :func:`fix_empty_clusters`.
+
+    Returns ``{"labels": int64 [N], "centroids": [K, D], "objective": float, "n_empty_fixed": int}``.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if k < 2:
+        raise UserError(f"deepcluster.num_clusters={k}: need at least 2 clusters")
+    if n < k:
+        raise UserError(f"deepcluster.num_clusters={k} is more than the {n} training images; lower it")
+    km = faiss.Kmeans(d, int(k), niter=int(niter), nredo=int(nredo), seed=int(seed), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=10_000_000, spherical=False)
+    km.train(x)
+    _, idx = km.index.search(x, 1)
+    labels = idx[:, 0].astype(np.int64)
+    obj = float(km.obj[-1]) if len(km.obj) else float("nan")
+    labels, centroids, n_fixed = fix_empty_clusters(x, labels, km.centroids, np.random.default_rng(seed))
+    return {"labels": labels, "centroids": centroids, "objective": obj, "n_empty_fixed": n_fixed}
+
+
+def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
+    """Sizes of the ``k`` clusters: min / q1 / median / q3 / max and the number of empty clusters."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
+    q = np.percentile(sizes, [0, 25, 50, 75, 100])
+    return {"min": int(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": int(q[4]),
+            "empty": int((sizes == 0).sum())}
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information between two assignments (scikit-learn, arithmetic mean)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(a), np.asarray(b)))
+
+
+def uniform_cluster_weights(labels: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Per-image sampling weight ``1 / size(cluster)``: every non-empty cluster gets the same total weight."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sizes = np.bincount(labels, minlength=k or 0).astype(np.float64)
+    return 1.0 / sizes[labels]
+
+
+class ClusterUniformSampler(torch.utils.data.Sampler):
+    """Draws ``len(dataset)`` positions per epoch, uniformly over clusters (with replacement).
+
+    Reads the current assignment from ``method`` when iterated, so it always uses the
+    clustering of the epoch being run (the method clusters on demand if needed).
+    """
+
+    def __init__(self, method: "DeepCluster", n: int, seed: int = 0):
+        self.method = method
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        m = self.method
+        fitting = m._trainer is not None and m.trainer.state.fn == "fit" and m.trainer.state.status == "running"
+        labels = m.ensure_clusters() if (fitting or m.labels is None) else m.labels
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        if labels is None or len(labels) != self.n:
+            yield from torch.randperm(self.n, generator=g).tolist()
+            return
+        w = torch.as_tensor(uniform_cluster_weights(labels, self.method.num_clusters))
+        yield from torch.multinomial(w, self.n, replacement=True, generator=g).tolist()
+
+
+# --------------------------------------------------------------------------- augmentation
+def random_resized_crop_flip(x: torch.Tensor, valid: torch.Tensor | None = None, scale=(0.4, 1.0),
+                             ratio=(3 / 4, 4 / 3), hflip: float = 0.5, generator: torch.Generator | None = None):
+    """Per-sample random resized crop + horizontal flip of a batch [B, C, H, W] (output same size).
+
+    The crop covers ``scale`` of the image area with aspect ``ratio``; ``valid`` (bool)
+    follows the same geometry (nearest neighbour).
+    """
+    b = x.shape[0]
+    dev = x.device
+    u = torch.rand(b, 5, generator=generator, device="cpu" if generator is None else generator.device).to(dev)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - w)
+    cy = (2 * u[:, 3] - 1) * (1 - h)
+    flip = torch.where(u[:, 4] < hflip, -1.0, 1.0).to(dev)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if valid is None:
+        return out, None
+    v = F.grid_sample(valid.to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
+    return out, v
+
+
+# --------------------------------------------------------------------------- the method
+@register("deepcluster")
+class DeepCluster(PretrainMethod):
+    """DeepCluster (Caron et al. 2018) on a timm backbone; keys under ``deepcluster.`` (see configs/deepcluster_cpu.yaml)."""
+
+    # The sampler reads the current assignment each time it is iterated, so the loader need not be
+    # rebuilt every epoch (which would also restart its worker processes twice per epoch).
+    reload_dataloaders_every_epoch = False
+
+    def __init__(self, cfg: dict, store=None):
+        super().__init__(cfg, store)
+        from radpretrain.models.backbones import create_backbone
+
+        if str(get(cfg, "data.resize", "letterbox")) == "bucket":
+            raise UserError("deepcluster needs data.resize=letterbox: its sampler draws images uniformly over "
+                            "clusters, which aspect-ratio buckets (data.resize=bucket) would override")
+        self.encoder = create_backbone(str(get(cfg, "model.backbone", "resnet50")), in_chans=1,
+                                       pretrained=get(cfg, "model.pretrained", None),
+                                       **(get(cfg, "model.kwargs", {}) or {}))
+        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        self.num_clusters = int(get(cfg, "deepcluster.num_clusters", 100))
+        self.pca_dim = int(get(cfg, "deepcluster.pca_dim", 256))
+        self.kmeans_iters = int(get(cfg, "deepcluster.kmeans_iters", 20))
+        self.kmeans_redo = int(get(cfg, "deepcluster.kmeans_redo", 1))
+        self.crop_scale = tuple(float(s) for s in get(cfg, "deepcluster.crop_scale", [0.4, 1.0]))
+        self.hflip = float(get(cfg, "deepcluster.hflip", 0.5))
+        self.extract_batch_size = int(get(cfg, "deepcluster.extract_batch_size", 0) or get(cfg, "data.batch_size", 64))
+        self.seed = int(get(cfg, "seed", 0) or 0)
+        self.head = nn.Linear(self.encoder.num_features, self.num_clusters)
+        self._reset_head()
+        self.dataset = None  # the training StoreDataset, set by train_sampler()
+        self.labels: np.ndarray | None = None  # cluster of each dataset position
+        self.prev_labels: np.ndarray | None = None
+        self.rows: np.ndarray | None = None  # store row of each dataset position
+        self.register_buffer("row_label", torch.full((0,), -1, dtype=torch.long), persistent=False)
+        self._clustered_epoch: int | None = None
+        self._pending_log: dict | None = None
+
+    # -- data ----------------------------------------------------------------
+    def train_sampler(self, dataset):
+        if len(dataset) < self.num_clusters:
+            raise UserError(f"deepcluster.num_clusters={self.num_clusters} is more than the {len(dataset)} training "
+                            "images; lower it (the sarcoma study used about 43 images per cluster)")
+        self.dataset = dataset
+        return ClusterUniformSampler(self, len(dataset), seed=self.seed)
+
+    def _training_dataset(self):
+        if self.dataset is None and self._trainer is not None:
+            dl = self.trainer.train_dataloader
+            self.dataset = getattr(dl, "dataset", None)
+        if self.dataset is None:
+            raise RuntimeError("DeepCluster needs its training dataset: build the train DataLoader with "
+                               "sampler=method.train_sampler(dataset)")
+        return self.dataset
+
+    @torch.no_grad()
+    def extract_features(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features of every dataset position (eval mode, no augmentation): ``(features, rows)``."""
+        nw = int(get(self.cfg, "data.num_workers", 0) or 0)
+        if len(dataset) <= 4 * self.extract_batch_size:
+            nw = 0  # a few batches: starting worker processes would cost more than reading
+        dl = torch.utils.data.DataLoader(dataset, batch_size=self.extract_batch_size, shuffle=False,
+                                         num_workers=nw, pin_memory=self.device.type == "cuda")
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        was_training = self.training
+        self.eval()
+        feats, rows = [], []
+        try:
+            for batch in dl:
+                x = batch["image"].to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, enabled=bf16, dtype=torch.bfloat16):
+                    f = self.encoder(self.normalize(x))
+                feats.append(f.float().cpu().numpy())
+                rows.append(np.asarray(batch["index"]).reshape(-1))
+        finally:
+            self.train(was_training)
+        return np.concatenate(feats).astype(np.float32), np.concatenate(rows).astype(np.int64)
+
+    def cluster(self, features: np.ndarray, epoch: int) -> dict:
+        """PCA-whiten + L2, k-means, empty-cluster fix; returns the assignment and its statistics."""
+        t0 = time.time()
+        x = pca_whiten_l2(features, self.pca_dim)
+        km = run_kmeans(x, self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=self.seed * 1009 + epoch)
+        stats = cluster_size_stats(km["labels"], self.num_clusters)
+        return {"labels": km["labels"], "objective": km["objective"], "n_empty_fixed": km["n_empty_fixed"],
+                "sizes": stats, "pca_dim": int(x.shape[1]), "seconds": time.time() - t0}
+
+    def _current_epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self._trainer is not None else 0
+
+    def ensure_clusters(self, epoch: int | None = None) -> np.ndarray:
+        """The assignment for ``epoch`` (default: the current one), clustering only if not done yet.
+
+        Called at the end of each epoch for the next one and at the start of fitting (so errors
+        surface outside the data loader), and again, as a no-op, by the sampler and
+        ``on_train_epoch_start``.
+        """
+        epoch = self._current_epoch() if epoch is None else int(epoch)
+        if self._clustered_epoch == epoch and self.labels is not None:
+            return self.labels
+        t0 = time.time()
+        dataset = self._training_dataset()
+        feats, rows = self.extract_features(dataset)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # one k-means for all ranks: rank 0 decides, the others receive its labels
+            res = self.cluster(feats, epoch) if self.global_rank == 0 else None
+            res = self.trainer.strategy.broadcast(res, src=0)
+        else:
+            res = self.cluster(feats, epoch)
+        labels = res["labels"]
+        self.prev_labels, self.labels, self.rows = self.labels, labels, rows
+        table = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long)
+        table[torch.from_numpy(rows)] = torch.from_numpy(labels)
+        self.row_label = table.to(self.device)
+        self._reset_head()
+        record = {"epoch": epoch, "n_images": int(len(labels)), "k": self.num_clusters,
+                  "nmi_prev": None if self.prev_labels is None or len(self.prev_labels) != len(labels)
+                  else nmi(self.prev_labels, labels),
+                  "sizes": res["sizes"], "n_empty_fixed": res["n_empty_fixed"], "kmeans_objective": res["objective"],
+                  "pca_dim": res["pca_dim"], "seconds": round(time.time() - t0, 3)}
+        self._clustered_epoch = epoch
+        self._pending_log = record
+        self._write_record(record)
+        s = record["sizes"]
+        log.info("epoch %d: %d clusters of %d images, sizes %d..%d (median %.0f), NMI vs previous %s, %.1f s",
+                 epoch, self.num_clusters, len(labels), s["min"], s["max"], s["median"],
+                 "n/a" if record["nmi_prev"] is None else f"{record['nmi_prev']:.3f}", record["seconds"])
+        return labels
+
+    def _run_dir(self) -> Path | None:
+        d = get(self.cfg, "run_dir", None)
+        if d:
+            return Path(d)
+        if self._trainer is not None:
+            return Path(self.trainer.default_root_dir)
+        return None
+
+    def _write_record(self, record: dict) -> None:
+        d = self._run_dir()
+        if d is None or (self._trainer is not None and self.global_rank != 0):
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "clusters.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _reset_head(self) -> None:
+        """Re-initialise the classifier (N(0, 0.01), zero bias, as the paper's code) and its optimiser state."""
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, 0.01)
+            self.head.bias.zero_()
+        if self._trainer is not None:
+            for opt in self.trainer.optimizers:
+                for p in (self.head.weight, self.head.bias):
+                    opt.state.pop(p, None)
+
+    # -- checkpoints: a resumed run keeps the assignment of the interrupted epoch ---------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.labels is not None:
+            checkpoint["deepcluster"] = {
+                "epoch": self._clustered_epoch, "labels": torch.as_tensor(self.labels),
+                "rows": torch.as_tensor(self.rows),
+                "prev_labels": None if self.prev_labels is None else torch.as_tensor(self.prev_labels)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("deepcluster")
+        if not state:
+            return
+        self.labels = state["labels"].numpy()
+        self.rows = state["rows"].numpy()
+        self.prev_labels = None if state.get("prev_labels") is None else state["prev_labels"].numpy()
+        self._clustered_epoch = state["epoch"]
+        table = torch.full((int(self.rows.max()) + 1,), -1, dtype=torch.long)
+        table[torch.from_numpy(self.rows)] = torch.from_numpy(self.labels)
+        self.row_label = table
+
+    def on_fit_start(self) -> None:
+        if self.dataset is not None and self.trainer.ckpt_path is None:
+            self.ensure_clusters()
+
+    def on_train_epoch_end(self) -> None:
+        t = self.trainer
+        last = (t.should_stop or (t.max_steps not in (None, -1) and t.global_step >= t.max_steps)
+                or (t.max_epochs not in (None, -1) and t.current_epoch + 1 >= t.max_epochs))
+        if not last:
+            self.ensure_clusters(t.current_epoch + 1)
+
+    def on_train_epoch_start(self) -> None:
+        self.ensure_clusters()
+        rec = self._pending_log
+        if rec is not None:
+            s = rec["sizes"]
+            vals = {f"deepcluster/size_{k}": float(s[k]) for k in ("min", "q1", "median", "q3", "max")}
+            vals["deepcluster/empty_fixed"] = float(rec["n_empty_fixed"])
+            if rec["nmi_prev"] is not None:
+                vals["deepcluster/nmi"] = float(rec["nmi_prev"])
+            self.log_dict(vals, on_step=False, on_epoch=True)
+            self._pending_log = None
+
+    # -- training --------------------------------------------------------------
+    def compute_loss(self, batch, batch_idx):
+        if self.row_label.numel() == 0:
+            self.ensure_clusters()
+        table = self.row_label.to(self.device)
+        idx = torch.as_tensor(batch["index"], device=self.device).long()
+        if int(idx.max()) >= table.numel() or bool((table[idx] < 0).any()):
+            raise RuntimeError("DeepCluster: a training image has no cluster (was the dataset changed mid-epoch?)")
+        target = table[idx]
+        g = self.step_generator(batch_idx, device="cpu")
+        x, _ = random_resized_crop_flip(batch["image"], None, self.crop_scale, hflip=self.hflip, generator=g)
+        logits = self.head(self.encoder(self.normalize(x)))
+        loss = F.cross_entropy(logits.float(), target)
+        acc = (logits.argmax(1) == target).float().mean()
+        return {"loss": loss, "acc": acc.detach()}
+
+    def validation_step(self, batch, batch_idx):  # images outside the clustering have no pseudo-label
+        return None
+
+    @property
+    def has_val_loss(self) -> bool:
+        return False
+
+    def encoder_meta(self) -> dict:
+        meta = super().encoder_meta()
+        meta["deepcluster"] = {"num_clusters": self.num_clusters, "pca_dim": self.pca_dim,
+                               "kmeans_iters": self.kmeans_iters, "crop_scale": list(self.crop_scale)}
+        return meta
+
+    # -- previews ----------------------------------------------------------------
+    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
+        """``clusters_stepN.png``: one row per cluster (8 clusters, the largest first), 8 thumbnails each."""
+        if self.labels is None or self.dataset is None:
+            return []
+        sizes = np.bincount(self.labels, minlength=self.num_clusters)
+        order = np.argsort(-sizes, kind="stable")[:8]
+        rng = np.random.default_rng(self.seed)
+        rows = []
+        for c in order:
+            members = np.flatnonzero(self.labels == c)
+            if len(members) == 0:
+                continue
+            pick = rng.choice(members, size=min(8, len(members)), replace=False)
+            imgs = torch.stack([self.dataset[int(p)]["image"] for p in pick])
+            if imgs.shape[-1] > 64:
+                imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+            rows.append(imgs)
+        if not rows:
+            return []
+        step = self.global_step if self._trainer is not None else 0
+        return [save_image_grid(rows, Path(out_dir) / f"clusters_step{step:07d}.png")]
