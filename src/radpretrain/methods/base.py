@@ -20,6 +20,17 @@ Hooks a method may override (all optional except ``training_step``):
 - ``on_train_epoch_start()``: e.g. DeepCluster's feature extraction + k-means.
 - ``save_previews(batch, out_dir)``: a few PNGs a person would look at.
 - ``encoder_meta()``: what ``encoder.json`` records besides the engine's fields.
+
+Optional helpers added for the engine (the hooks above are unchanged):
+
+- ``compute_loss(batch, batch_idx)``: return the loss (a tensor, or a dict with
+  ``"loss"`` and other scalars to log).  When a method defines it, the base class
+  provides ``training_step`` (logs ``train/loss``) and ``validation_step``
+  (logs ``val/loss``, used by early stopping).  Methods may still write their own
+  ``training_step``/``validation_step`` instead.
+- ``step_generator(batch_idx)``: a ``torch.Generator`` seeded by
+  ``(seed, epoch, batch_idx, rank)``; randomness drawn from it (MAE masks,
+  augmentations) is the same in a resumed run and in an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -66,6 +77,47 @@ class PretrainMethod(L.LightningModule):
         return (x - self.norm_mean) / self.norm_std
 
     # -- hooks -------------------------------------------------------------
+    compute_loss = None  # optional: (batch, batch_idx) -> Tensor | dict with "loss"
+
+    @property
+    def has_val_loss(self) -> bool:
+        """Whether validation batches give a ``val/loss`` (the engine enables early stopping then)."""
+        return self.compute_loss is not None or type(self).validation_step is not PretrainMethod.validation_step
+
+    def training_step(self, batch, batch_idx):
+        if self.compute_loss is None:
+            raise NotImplementedError(f"{type(self).__name__} must define training_step or compute_loss")
+        return self._log_loss(self.compute_loss(batch, batch_idx), "train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        if self.compute_loss is None:
+            return None
+        return self._log_loss(self.compute_loss(batch, batch_idx), "val", batch)
+
+    def _log_loss(self, out, stage: str, batch) -> torch.Tensor:
+        if not isinstance(out, dict):
+            out = {"loss": out}
+        bs = int(batch["image"].shape[0]) if isinstance(batch, dict) and "image" in batch else None
+        train = stage == "train"
+        for k, v in out.items():
+            if v is None:
+                continue
+            v = v.detach() if isinstance(v, torch.Tensor) and k != "loss" else v
+            self.log(f"{stage}/{k}", v, prog_bar=(k == "loss"), on_step=train, on_epoch=not train,
+                     sync_dist=True, batch_size=bs)  # logged losses are global means under DDP
+        return out["loss"]
+
+    def step_generator(self, batch_idx: int, device=None) -> torch.Generator:
+        """A generator seeded by (seed, epoch, batch_idx, rank, train/val): reproducible across resumes."""
+        seed = int(self.cfg.get("seed", 0) or 0) if isinstance(self.cfg, dict) else 0
+        epoch = self.current_epoch if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
+        val = 1 if (self._trainer is not None and not self.trainer.training) else 0
+        key = (((seed * 1_000_003 + epoch) * 1_000_033 + int(batch_idx)) * 1_009 + rank) * 2 + val
+        g = torch.Generator(device=device if device is not None else self.device)
+        g.manual_seed(key % (2**63 - 1))
+        return g
+
     def sample_transform(self):
         return None
 
@@ -96,7 +148,13 @@ class PretrainMethod(L.LightningModule):
             opt = torch.optim.SGD(params, lr=lr, momentum=float(opt_cfg.get("momentum", 0.9)), weight_decay=wd)
         else:
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))))
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        # The engine sets ``total_steps_hint`` (no early data loading, which would break exact
+        # mid-epoch resume); otherwise ask Lightning.
+        hint = getattr(self, "total_steps_hint", None)
+        if hint:
+            total = max(1, int(hint))
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warm = int(opt_cfg.get("warmup_steps", 0)) or int(float(opt_cfg.get("warmup_fraction", 0.05)) * total)
         min_ratio = float(get(self.cfg, "optim.min_lr_ratio", 0.01))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total, min_ratio))
@@ -111,3 +169,28 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.01) -
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_image_grid(rows, path) -> Path:
+    """Save a PNG grid: ``rows`` is a list of [B, 1, H, W] tensors in [0, 1] (one grid row each).
+
+    Used by methods' ``save_previews``; rows may have different widths (padded with black).
+    """
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strips = []
+    for r in rows:
+        a = r.detach().float().cpu().clamp(0, 1).numpy()[:, 0]  # [B, H, W]
+        gap = np.zeros((a.shape[1], 2), dtype=np.float32)
+        parts = []
+        for i in range(a.shape[0]):
+            parts += [a[i], gap]
+        strips.append(np.concatenate(parts, axis=1))
+    width = max(s.shape[1] for s in strips)
+    strips = [np.pad(s, ((0, 2), (0, width - s.shape[1]))) for s in strips]
+    grid = (np.concatenate(strips, axis=0) * 255).round().astype(np.uint8)
+    Image.fromarray(grid, mode="L").save(path)
+    return path

@@ -1,0 +1,689 @@
+"""``radpretrain pretrain``: the Lightning engine that turns a dataset store into an encoder.
+
+::
+
+    radpretrain pretrain --method mae --data DATASET --out RUN [--config FILE] [--resume] [key=value ...]
+
+The config is ``configs/<method>_cpu.yaml`` unless ``--config`` names another file or
+packaged preset (e.g. ``mae_pilot``); :data:`DEFAULTS` fills every key a config leaves
+out, and ``key=value`` overrides any of them (``trainer.max_steps=30 data.image_size=64``).
+
+The engine owns data loading (``StoreDataset``, a resumable epoch-seeded batch
+sampler, optional class balancing, aspect-ratio buckets, patient-grouped
+validation split), the Lightning ``Trainer`` (CPU, one GPU, DDP under torchrun
+or SLURM), loggers (CSV, TensorBoard, a text log), checkpoints (periodic +
+``last.ckpt`` + best on validation loss), early stopping, previews and the final
+``encoder.safetensors`` + ``encoder.json``.  Methods plug in through the hooks of
+:class:`radpretrain.methods.base.PretrainMethod` (``fields``, ``sample_transform``,
+``train_sampler``, ``reload_dataloaders_every_epoch``, ``on_train_epoch_start``,
+``save_previews``, ``encoder_meta``).
+
+Run folder::
+
+    RUN/config.yaml        resolved config (incl. measured data.mean / data.std)
+    RUN/versions.json      package versions
+    RUN/logs/              csv/metrics.csv, tensorboard/, pretrain.log
+    RUN/checkpoints/       step*.ckpt (every trainer.checkpoint_every_n_steps), last.ckpt, best.ckpt
+    RUN/previews/          PNGs from the method (MAE reconstructions, SimCLR views, ...)
+    RUN/encoder.safetensors, RUN/encoder.json   at the end (see docs/architecture.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radpretrain.config import apply_overrides, find_config, get, load_config, save_config
+from radpretrain.errors import UserError
+from radpretrain.utils import add_file_log, get_logger, package_versions, write_json
+
+log = get_logger("pretrain")
+
+# Keys every method has; a method config overrides them, ``key=value`` overrides both.
+DEFAULTS: dict = {
+    "seed": 0,
+    "data": {
+        "root": None,              # set from --data
+        "image_size": 64,
+        "batch_size": 32,          # per process (global batch = batch_size x devices x num_nodes)
+        "num_workers": 0,
+        "resize": "letterbox",     # letterbox | bucket
+        "balance": "none",         # none | modality | body_part | modality_body_part
+        "max_per_patient": None,   # int: at most this many images per patient (seeded choice)
+        "respect_keep": True,      # drop images with keep == False in splits.parquet (per-patient caps)
+        "exclude_split": None,     # e.g. test: never pretrain on the held-out split of splits.parquet
+        "val_fraction": 0.1,       # patient-grouped validation split of the pretraining images
+        "mean": None,              # measured on a sample of the training images when null
+        "std": None,
+        "stats_sample": 256,
+        "shuffle": True,
+    },
+    "model": {"backbone": "resnet18", "pretrained": "none", "patch_size": 16,
+              "kwargs": {}},             # extra timm.create_model kwargs (recorded in encoder.json), e.g. {depth: 6}
+    "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05, "warmup_fraction": 0.05, "min_lr_ratio": 0.01},
+    "trainer": {
+        "max_epochs": 10,
+        "max_steps": -1,
+        "accelerator": "auto",
+        "devices": "auto",
+        "num_nodes": "auto",
+        "strategy": "auto",
+        "precision": "auto",       # auto: bf16-mixed on GPUs that support it, else 32-true
+        "accumulate_grad_batches": 1,
+        "gradient_clip_val": None,
+        "val_check_interval": None,
+        "check_val_every_n_epoch": 1,
+        "limit_val_batches": 1.0,
+        "checkpoint_every_n_steps": 100,
+        "keep_checkpoints": -1,    # periodic checkpoints kept (-1: all)
+        "log_every_n_steps": 10,
+        "enable_progress_bar": True,
+        "sync_batchnorm": False,
+        "deterministic": False,
+        "cpu_threads": None,       # torch.set_num_threads (1 is fastest on a busy shared CPU)
+    },
+    "early_stopping": {"patience": None, "min_delta": 0.0},
+    "previews": {"every_n_epochs": 1, "n": 8},
+    "export": {"weights": "best"},  # best (lowest val/loss, when there is a validation set) | last
+}
+
+BALANCE = ("none", "modality", "body_part", "modality_body_part")
+
+
+# -- config -------------------------------------------------------------------------
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_config(method: str, config: str | None = None, overrides=(), data: str | None = None) -> dict:
+    """DEFAULTS <- config file (default ``<method>_cpu``) <- overrides; ``method`` and ``data.root`` filled in."""
+    name = config or f"{method}_cpu"
+    try:
+        find_config(name)
+    except UserError:
+        if config is not None:
+            raise
+        file_cfg = {}
+        log.warning("no packaged config %s.yaml; using the engine defaults", name)
+    else:
+        file_cfg = load_config(name)
+    if file_cfg.get("method") not in (None, method):
+        raise UserError(f"{name}: this config is for method {file_cfg.get('method')!r}, not {method!r}")
+    cfg = deep_merge(DEFAULTS, file_cfg)
+    cfg["method"] = method
+    cfg = apply_overrides(cfg, list(overrides))
+    if data is not None:
+        cfg["data"]["root"] = str(Path(data).resolve())
+    return cfg
+
+
+def _check_config(cfg: dict) -> None:
+    d = cfg["data"]
+    if str(d["resize"]) not in ("letterbox", "bucket"):
+        raise UserError(f"data.resize={d['resize']!r}: choose letterbox or bucket")
+    if str(d["balance"]) not in BALANCE:
+        raise UserError(f"data.balance={d['balance']!r}: choose one of {', '.join(BALANCE)}")
+    for key in ("image_size", "batch_size"):
+        if not isinstance(d[key], int) or d[key] < 1:
+            raise UserError(f"data.{key}={d[key]!r}: must be a positive integer")
+    vf = d["val_fraction"]
+    if not isinstance(vf, (int, float)) or not 0 <= vf < 1:
+        raise UserError(f"data.val_fraction={vf!r}: must be in [0, 1)")
+    t = cfg["trainer"]
+    if (t["max_steps"] in (None, -1)) and (t["max_epochs"] in (None, -1)):
+        raise UserError("set trainer.max_steps or trainer.max_epochs (both are unlimited)")
+
+
+# -- data selection -------------------------------------------------------------------
+def select_images(store, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) rows of ``store.images`` for pretraining; patient-grouped, deterministic for ``seed``."""
+    images = store.images
+    n = len(images)
+    if n == 0:
+        raise UserError(f"{store.root}: the store has no ingested images")
+    keep = np.ones(n, dtype=bool)
+    d = cfg["data"]
+    splits_path = Path(store.root) / "splits.parquet"
+    if splits_path.is_file() and (d.get("respect_keep") or d.get("exclude_split")):
+        from radpretrain.data.splits import load_splits
+
+        sp = load_splits(store.root).set_index("image_id")
+        ids = images["image_id"].astype(str)
+        if not ids.isin(sp.index).all():
+            raise UserError(f"{splits_path}: does not match the store's images; re-run 'radpretrain split'")
+        sp = sp.loc[ids]
+        if d.get("respect_keep") and "keep" in sp.columns:
+            keep &= sp["keep"].astype(bool).to_numpy()
+        ex = d.get("exclude_split")
+        if ex:
+            ex = [ex] if isinstance(ex, str) else list(ex)
+            keep &= ~sp["split"].isin(ex).to_numpy()
+    elif d.get("exclude_split"):
+        raise UserError(f"data.exclude_split={d['exclude_split']!r} needs {splits_path}; run 'radpretrain split' first")
+    rng = np.random.default_rng(int(cfg.get("seed", 0) or 0))
+    cap = d.get("max_per_patient")
+    pids = images["patient_id"].astype(str).to_numpy()
+    if cap:
+        cap = int(cap)
+        order = rng.permutation(n)
+        seen: dict[str, int] = {}
+        capped = np.zeros(n, dtype=bool)
+        for i in order:
+            if keep[i]:
+                c = seen.get(pids[i], 0)
+                if c < cap:
+                    capped[i] = True
+                    seen[pids[i]] = c + 1
+        keep = capped
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise UserError(f"{store.root}: no images left for pretraining after data.exclude_split / caps")
+    vf = float(d.get("val_fraction") or 0)
+    val_rows = np.array([], dtype=np.int64)
+    if vf > 0:
+        patients = np.unique(pids[rows])
+        if len(patients) >= 2:
+            perm = np.random.default_rng([int(cfg.get("seed", 0) or 0), 7]).permutation(patients)
+            n_val = min(len(patients) - 1, max(1, int(round(vf * len(patients)))))
+            val_p = set(perm[:n_val].tolist())
+            is_val = np.array([p in val_p for p in pids[rows]])
+            val_rows, rows = rows[is_val], rows[~is_val]
+    return rows.astype(np.int64), val_rows.astype(np.int64)
+
+
+def measure_stats(store, rows: np.ndarray, image_size: int, n: int = 256, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of the letterboxed [0, 1] images (image pixels only, not padding) of a sample of ``rows``."""
+    from radpretrain.data.dataset import StoreDataset
+
+    rng = np.random.default_rng(seed)
+    pick = rows if len(rows) <= n else np.sort(rng.choice(rows, size=n, replace=False))
+    ds = StoreDataset(store, pick, image_size=image_size, resize="letterbox")
+    s = s2 = cnt = 0.0
+    for i in range(len(ds)):
+        item = ds[i]
+        v = item["image"][item["valid"]].double()
+        s += float(v.sum())
+        s2 += float((v * v).sum())
+        cnt += v.numel()
+    mean = s / max(cnt, 1)
+    std = math.sqrt(max(s2 / max(cnt, 1) - mean * mean, 1e-12))
+    return float(mean), float(max(std, 1e-3))
+
+
+def balance_weights(images, rows: np.ndarray, by: str) -> np.ndarray | None:
+    """Per-image weights giving each group (modality / body part) the same total weight."""
+    if by in (None, "none"):
+        return None
+    cols = {"modality": ["modality"], "body_part": ["body_part"], "modality_body_part": ["modality", "body_part"]}[by]
+    sub = images.iloc[rows]
+    key = sub[cols].astype(str).agg("|".join, axis=1)
+    counts = key.map(key.value_counts())
+    return (1.0 / counts.to_numpy(dtype=np.float64))
+
+
+# -- samplers ---------------------------------------------------------------------------
+class _EpochProxy:
+    """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler``; forward it to the batch sampler."""
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+    def __iter__(self):  # pragma: no cover - never iterated, only a hook target
+        return iter(())
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset positions, deterministic for ``(seed, epoch)``, sharded over DDP ranks, resumable.
+
+    The epoch's global order is a seeded permutation (``shuffle``), a seeded weighted draw with
+    replacement (``weights``: class balancing), or the order of a method's own sampler
+    (``base_sampler``, e.g. DeepCluster's).  Rank ``r`` of ``R`` takes positions ``r, r + R, ...``,
+    so one process with batch ``R*b`` sees the same global batches as ``R`` processes with batch
+    ``b``.  Incomplete batches are dropped (constant batch size).  :meth:`skip_batches` makes the
+    first iteration of an epoch start after the batches a killed run had already trained on.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, weights=None,
+                 base_sampler=None, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle = int(n), int(batch_size), int(seed), bool(shuffle)
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+        self.base_sampler = base_sampler
+        self.rank, self.world = int(rank), int(world)
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+        self.sampler = _EpochProxy(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.base_sampler is not None and hasattr(self.base_sampler, "set_epoch"):
+            self.base_sampler.set_epoch(epoch)
+
+    def skip_batches(self, epoch: int, n_batches: int) -> None:
+        self._skip = (int(epoch), int(n_batches)) if n_batches > 0 else None
+
+    def global_order(self) -> list[int]:
+        if self.base_sampler is not None:
+            return [int(i) for i in self.base_sampler]
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        if self.shuffle:
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def _per_rank(self, order_len: int) -> int:
+        return (order_len // self.world) // self.batch_size
+
+    def __iter__(self):
+        order = self.global_order()
+        mine = order[self.rank :: self.world][: self._per_rank(len(order)) * self.batch_size]
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start = self._skip[1]
+            self._skip = None
+        for b in range(start, len(mine) // self.batch_size):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        n = len(self.base_sampler) if self.base_sampler is not None else self.n
+        return self._per_rank(n)
+
+
+class SkippingBatchSampler(torch.utils.data.Sampler):
+    """Wrap a batch sampler with ``set_epoch`` (e.g. ``BucketBatchSampler``) so a resumed epoch skips done batches."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._skip: tuple[int, int] | None = None
+        self.epoch = 0
+        self.sampler = _EpochProxy(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.inner.set_epoch(epoch)
+
+    def skip_batches(self, epoch: int, n_batches: int) -> None:
+        self._skip = (int(epoch), int(n_batches)) if n_batches > 0 else None
+
+    def __iter__(self):
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start = self._skip[1]
+            self._skip = None
+        for i, b in enumerate(self.inner):
+            if i >= start:
+                yield b
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+# -- the Lightning data module ------------------------------------------------------------
+def _data_module_class():
+    import lightning as L
+
+    class StoreData(L.LightningDataModule):
+        """Train/val loaders over the store; built lazily inside each (DDP) process."""
+
+        def __init__(self, store, cfg: dict, method, train_rows, val_rows, resuming: bool):
+            super().__init__()
+            self.store, self.cfg, self.method = store, cfg, method
+            self.train_rows, self.val_rows = train_rows, val_rows
+            self.resuming = resuming
+            self._skipped = False
+
+        def _dataset(self, rows, resize):
+            from radpretrain.data.dataset import StoreDataset
+
+            d = self.cfg["data"]
+            return StoreDataset(self.store, rows, image_size=int(d["image_size"]), resize=resize,
+                                fields=tuple(self.method.fields), transform=self.method.sample_transform())
+
+        def _loader_kw(self):
+            d = self.cfg["data"]
+            nw = int(d.get("num_workers") or 0)
+            kw = {"num_workers": nw, "pin_memory": torch.cuda.is_available()}
+            if nw > 0:
+                kw["persistent_workers"] = not self.method.reload_dataloaders_every_epoch
+                kw["prefetch_factor"] = 4
+            return kw
+
+        def train_dataloader(self):
+            d = self.cfg["data"]
+            trainer = self.trainer
+            rank, world = trainer.global_rank, trainer.world_size
+            seed = int(self.cfg.get("seed", 0) or 0)
+            ds = self._dataset(self.train_rows, d["resize"])
+            if d["resize"] == "bucket":
+                from radpretrain.data.buckets import BucketBatchSampler
+
+                multiple = int(get(self.cfg, "model.patch_size", 16) or 16) if "vit" in str(get(self.cfg, "model.backbone", "")) else 32
+                bs = SkippingBatchSampler(BucketBatchSampler(ds, int(d["batch_size"]), image_size=int(d["image_size"]),
+                                                             multiple=multiple, shuffle=bool(d.get("shuffle", True)),
+                                                             seed=seed, drop_last=True, num_replicas=world, rank=rank))
+            else:
+                base = self.method.train_sampler(ds)
+                weights = balance_weights(self.store.images, self.train_rows, d.get("balance")) if base is None else None
+                bs = EpochBatchSampler(len(ds), int(d["batch_size"]), seed=seed, shuffle=bool(d.get("shuffle", True)),
+                                       weights=weights, base_sampler=base, rank=rank, world=world)
+            if len(bs) == 0:
+                raise UserError(f"{self.store.root}: {len(ds)} training images give no full batch of "
+                                f"{d['batch_size']} per process; lower data.batch_size")
+            epoch = trainer.current_epoch
+            bs.set_epoch(epoch)
+            if self.resuming and not self._skipped:
+                # called after the checkpoint was restored (the engine gives the optimizer its step
+                # count, so Lightning does not load data early): skip what the killed run trained on
+                done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+                if 0 < done < len(bs):
+                    bs.skip_batches(epoch, done)
+                    log.info("resuming epoch %d after batch %d of %d", epoch, done, len(bs))
+                self._skipped = True
+            return torch.utils.data.DataLoader(ds, batch_sampler=bs, **self._loader_kw())
+
+        def val_dataloader(self):
+            d = self.cfg["data"]
+            trainer = self.trainer
+            rows = self.val_rows[trainer.global_rank :: trainer.world_size]
+            if len(rows) == 0:  # every rank must run validation (the epoch-end all-reduce of val/loss)
+                rows = self.val_rows[:1]
+            ds = self._dataset(rows, "letterbox")
+            return torch.utils.data.DataLoader(ds, batch_size=int(d["batch_size"]), shuffle=False, **self._loader_kw())
+
+    return StoreData
+
+
+def _preview_callback_class():
+    import lightning as L
+
+    class Previews(L.Callback):
+        """Ask the method for preview images on rank 0 every few epochs and at the end."""
+
+        def __init__(self, batch, out_dir: Path, every: int):
+            self.batch, self.out_dir, self.every = batch, out_dir, max(0, int(every or 0))
+
+        def _save(self, pl_module):
+            if self.batch is None:
+                return
+            try:
+                paths = pl_module.save_previews(self.batch, self.out_dir) or []
+                for p in paths:
+                    log.info("preview: %s", p)
+            except Exception as e:  # previews never stop a run
+                log.warning("previews failed: %s: %s", type(e).__name__, e)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.is_global_zero and self.every and (trainer.current_epoch + 1) % self.every == 0:
+                self._save(pl_module)
+
+        def on_train_end(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                self._save(pl_module)
+
+    return Previews
+
+
+# -- distributed environment -------------------------------------------------------------
+def _env_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _devices_and_nodes(t: dict) -> tuple:
+    devices, nodes = t.get("devices", "auto"), t.get("num_nodes", "auto")
+    env = os.environ
+    if devices in (None, "auto"):
+        if "LOCAL_WORLD_SIZE" in env:          # torchrun
+            devices = int(env["LOCAL_WORLD_SIZE"])
+        elif "SLURM_NTASKS_PER_NODE" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+            devices = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+        else:
+            devices = "auto" if torch.cuda.is_available() else 1
+    if nodes in (None, "auto"):
+        if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:
+            nodes = max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+        elif "SLURM_NNODES" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+            nodes = int(env["SLURM_NNODES"])
+        else:
+            nodes = 1
+    return devices, int(nodes)
+
+
+def _precision(p) -> str:
+    if p in (None, "auto"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16-mixed"
+        return "32-true"
+    return str(p)
+
+
+# -- the run ---------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from radpretrain.methods import METHOD_MODULES
+
+    p.add_argument("--method", required=True, choices=sorted(METHOD_MODULES), help="pretraining method")
+    p.add_argument("--data", required=True, help="dataset store folder (from 'radpretrain ingest')")
+    p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    p.add_argument("--config", default=None,
+                   help="config file or packaged preset (default: configs/<method>_cpu.yaml), e.g. mae_pilot")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from RUN/checkpoints/last.ckpt")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. trainer.max_steps=30 data.image_size=64 model.pretrained=imagenet")
+
+
+def find_resume_checkpoint(run: Path) -> Path:
+    ck = run / "checkpoints"
+    last = ck / "last.ckpt"
+    if last.is_file():
+        return last
+    steps = sorted(ck.glob("step*.ckpt"))
+    if steps:
+        return steps[-1]
+    raise UserError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
+
+
+def run(args) -> int:
+    result = pretrain(args.method, args.data, args.out, config=args.config, overrides=args.overrides, resume=args.resume)
+    print(result["encoder"])
+    return 0
+
+
+def pretrain(method: str, data: str | Path, out: str | Path, config: str | None = None, overrides=(),
+             resume: bool = False, callbacks=()) -> dict:
+    """Run pretraining; returns ``{"run": RUN, "encoder": path or None, "global_step": int, ...}``."""
+    import lightning as L
+
+    from radpretrain.data.store import Store
+    from radpretrain.methods import get_method
+
+    run_dir = Path(out)
+    rank = _env_rank()
+    ckpt_path = None
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: no config.yaml; nothing to resume (start the run without --resume)")
+        ckpt_path = find_resume_checkpoint(run_dir)
+        saved = load_config(run_dir / "config.yaml")
+        if saved.get("method") not in (None, method):
+            raise UserError(f"{run_dir}: this run used --method {saved.get('method')}, not {method}")
+        cfg = apply_overrides(deep_merge(DEFAULTS, saved), list(overrides))
+        if data is not None and Path(data).resolve() != Path(cfg["data"]["root"] or data).resolve():
+            log.warning("--data %s differs from the run's data.root %s; using --data", data, cfg["data"]["root"])
+            cfg["data"]["root"] = str(Path(data).resolve())
+    else:
+        started = (run_dir / "encoder.safetensors").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
+        if rank == 0 and started:  # a folder from a start that failed before training is reused
+            raise UserError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new --out")
+        cfg = resolve_config(method, config, overrides, data)
+    _check_config(cfg)
+    threads = get(cfg, "trainer.cpu_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    store = Store(cfg["data"]["root"])
+    train_rows, val_rows = select_images(store, cfg)
+    seed = int(cfg.get("seed", 0) or 0)
+    d = cfg["data"]
+    if d.get("mean") is None or d.get("std") is None:
+        m, s = measure_stats(store, train_rows, int(d["image_size"]), int(d.get("stats_sample") or 256), seed)
+        d["mean"] = d["mean"] if d.get("mean") is not None else round(m, 6)
+        d["std"] = d["std"] if d.get("std") is not None else round(s, 6)
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = get_method(method)(cfg, store)  # user errors (weights, backbone) before anything is written
+    file_log = None
+    if rank == 0:  # other DDP ranks write nothing (and must not race rank 0's "already a run" check)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("logs", "checkpoints", "previews"):
+            (run_dir / sub).mkdir(exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "versions.json", package_versions())
+        file_log = add_file_log(run_dir / "logs" / "pretrain.log")
+    try:
+        log.info("method %s, encoder %s %s, %d train / %d val images, mean %.4f std %.4f",
+                 method, model.arch, model.model_kwargs, len(train_rows), len(val_rows), d["mean"], d["std"])
+        use_val = len(val_rows) > 0 and model.has_val_loss
+        trainer = _build_trainer(cfg, run_dir, model, use_val, callbacks, store, train_rows, val_rows)
+        model.total_steps_hint = total_steps(cfg, len(train_rows), trainer.world_size)
+        dm = _data_module_class()(store, cfg, model, train_rows, val_rows if use_val else np.array([], dtype=np.int64),
+                                  resuming=ckpt_path is not None)
+        t0 = time.time()
+        with warnings.catch_warnings():
+            # our batch sampler skips the batches a resumed epoch already trained on (see
+            # StoreData.train_dataloader), so Lightning's "dataloader is not resumable" does not apply
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=False)
+        elapsed = time.time() - t0
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        if trainer.interrupted:
+            raise UserError(f"{run_dir}: interrupted at step {trainer.global_step}; continue with --resume")
+        result = {"run": run_dir, "encoder": None, "global_step": int(trainer.global_step),
+                  "epochs": int(trainer.current_epoch), "seconds": round(elapsed, 1)}
+        if trainer.is_global_zero:
+            result["encoder"] = export_encoder(model, trainer, cfg, run_dir)
+        return result
+    finally:
+        if file_log is not None:
+            import logging
+
+            logging.getLogger("radpretrain").removeHandler(file_log)
+            file_log.close()
+
+
+def total_steps(cfg: dict, n_train: int, world: int) -> int:
+    """Optimizer steps of the whole run (for the LR schedule): max_steps, else epochs x steps per epoch."""
+    t, d = cfg["trainer"], cfg["data"]
+    per_rank = (n_train // max(1, world)) // int(d["batch_size"])
+    per_epoch = max(1, math.ceil(per_rank / int(t.get("accumulate_grad_batches", 1) or 1)))
+    by_epochs = per_epoch * int(t["max_epochs"]) if t.get("max_epochs") not in (None, -1) else None
+    max_steps = int(t["max_steps"]) if t.get("max_steps") not in (None, -1) else None
+    return min(x for x in (by_epochs, max_steps) if x is not None)
+
+
+def _build_trainer(cfg, run_dir: Path, model, use_val: bool, extra_callbacks, store, train_rows, val_rows):
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg["trainer"]
+    ck_dir = run_dir / "checkpoints"
+    every = int(t.get("checkpoint_every_n_steps") or 0) or None
+    callbacks = [
+        ModelCheckpoint(dirpath=ck_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=every, save_top_k=int(t.get("keep_checkpoints", -1)),
+                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if use_val:
+        callbacks.append(ModelCheckpoint(dirpath=ck_dir, filename="best", monitor="val/loss", mode="min",
+                                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+                                         save_on_train_epoch_end=False))
+        pat = get(cfg, "early_stopping.patience")
+        if pat:
+            callbacks.append(EarlyStopping(monitor="val/loss", mode="min", patience=int(pat),
+                                           min_delta=float(get(cfg, "early_stopping.min_delta", 0.0) or 0.0),
+                                           check_on_train_epoch_end=False))  # after validation only
+    preview_batch = _preview_batch(store, cfg, model, val_rows if len(val_rows) else train_rows)
+    callbacks.append(_preview_callback_class()(preview_batch, run_dir / "previews", get(cfg, "previews.every_n_epochs", 1)))
+    callbacks.extend(extra_callbacks)
+    devices, nodes = _devices_and_nodes(t)
+    loggers = [CSVLogger(save_dir=run_dir, name="logs", version="csv"),
+               TensorBoardLogger(save_dir=run_dir, name="logs", version="tensorboard", default_hp_metric=False)]
+    kw = dict(
+        default_root_dir=run_dir, max_epochs=t.get("max_epochs"), max_steps=int(t.get("max_steps") if t.get("max_steps") is not None else -1),
+        accelerator=t.get("accelerator", "auto"), devices=devices, num_nodes=nodes, strategy=t.get("strategy", "auto"),
+        precision=_precision(t.get("precision")), accumulate_grad_batches=int(t.get("accumulate_grad_batches", 1)),
+        gradient_clip_val=t.get("gradient_clip_val"), check_val_every_n_epoch=t.get("check_val_every_n_epoch", 1),
+        val_check_interval=t.get("val_check_interval"), limit_val_batches=t.get("limit_val_batches", 1.0),
+        log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("enable_progress_bar", True)),
+        sync_batchnorm=bool(t.get("sync_batchnorm", False)), deterministic=bool(t.get("deterministic", False)),
+        use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
+        reload_dataloaders_every_n_epochs=1 if model.reload_dataloaders_every_epoch else 0,
+        num_sanity_val_steps=0,
+    )
+    if not use_val:
+        kw["limit_val_batches"] = 0
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kw)
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError, ImportError) as e:
+        raise UserError(f"trainer settings are not usable here: {e}") from None
+
+
+def _preview_batch(store, cfg, model, rows):
+    from radpretrain.data.dataset import StoreDataset
+
+    n = min(int(get(cfg, "previews.n", 8) or 0), len(rows))
+    if n <= 0:
+        return None
+    ds = StoreDataset(store, rows[:n], image_size=int(cfg["data"]["image_size"]), resize="letterbox",
+                      fields=tuple(model.fields))
+    return torch.utils.data.default_collate([ds[i] for i in range(n)])
+
+
+def export_encoder(model, trainer, cfg, run_dir: Path) -> Path:
+    """Write RUN/encoder.safetensors + encoder.json (best val-loss weights when configured and available)."""
+    from radpretrain.models.weights import save_encoder
+
+    which = str(get(cfg, "export.weights", "best"))
+    used = "last"
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if which == "best" and best.is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state, strict=False)  # non-persistent buffers are not in the checkpoint
+        used = "best"
+    meta = model.encoder_meta()
+    d = cfg["data"]
+    meta["image_size"] = int(d["image_size"])
+    meta["resize"] = "letterbox"
+    meta.setdefault("preprocessing", {})
+    meta["preprocessing"].update({"mean": float(d["mean"]), "std": float(d["std"]), "image_size": int(d["image_size"]),
+                                  "resize": "letterbox", "intensity": "radpretrain-ingest-v1"})
+    meta["training"] = {"global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+                        "weights": used, "train_resize": d["resize"], "pretrained_from": str(get(cfg, "model.pretrained"))}
+    for c in trainer.callbacks:
+        if getattr(c, "monitor", None) == "val/loss" and getattr(c, "best_model_score", None) is not None:
+            meta["training"]["best_val_loss"] = float(c.best_model_score)
+    path = save_encoder(model.encoder, meta, run_dir)
+    log.info("encoder written: %s", path)
+    return path

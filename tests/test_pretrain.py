@@ -1,0 +1,167 @@
+"""The pretraining engine: CLI run folder, exact resume, DDP on CPU, samplers, config errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from radpretrain.cli import main
+from radpretrain.data.toy import make_toy_store
+from radpretrain.errors import UserError
+from radpretrain.models.weights import load_run_encoder
+from radpretrain.pretrain import EpochBatchSampler, pretrain, resolve_config, select_images
+
+FAST = ["trainer.enable_progress_bar=false", "data.num_workers=0", "trainer.cpu_threads=1",
+        "previews.every_n_epochs=0", "model.kwargs={depth: 2}", "data.batch_size=8", "trainer.log_every_n_steps=1"]
+TINY_MAE = FAST + ["data.image_size=32", "model.patch_size=8", "mae.decoder_dim=32", "mae.decoder_depth=1",
+                   "mae.decoder_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_toy_store(tmp_path_factory.mktemp("toy") / "ds", n_patients=24, images_per_patient=2)
+
+
+def losses(run: Path) -> pd.Series:
+    df = pd.read_csv(run / "logs" / "csv" / "metrics.csv")
+    df = df.dropna(subset=["train/loss"]).drop_duplicates("step", keep="last")
+    return df.set_index("step")["train/loss"]
+
+
+def test_cli_mae_writes_a_complete_run(ds, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--method", "mae", "--data", str(ds), "--out", str(run),
+               "trainer.max_steps=30", "data.image_size=64", *FAST])
+    assert rc == 0
+    for f in ("config.yaml", "versions.json", "encoder.safetensors", "encoder.json", "checkpoints/last.ckpt",
+              "logs/csv/metrics.csv", "logs/pretrain.log"):
+        assert (run / f).is_file(), f
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "previews").glob("mae_reconstruction_*.png"))
+    model, meta = load_run_encoder(run)  # plain timm rebuild
+    assert meta["arch"] == "vit_tiny_patch16_224" and meta["image_size"] == 64 and meta["resize"] == "letterbox"
+    pre = meta["preprocessing"]
+    assert 0 < pre["mean"] < 1 and 0 < pre["std"] < 1 and pre["intensity"] == "radpretrain-ingest-v1"
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 64, 64)).shape == (1, 192)
+    assert len(losses(run)) == 30
+    cfg = (run / "config.yaml").read_text()
+    assert "max_steps: 30" in cfg and "mean: " in cfg
+    # a second start into the same folder is refused; --resume of a finished run is fine
+    assert main(["pretrain", "--method", "mae", "--data", str(ds), "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_continues_exactly(ds, tmp_path):
+    """A run killed after step 3 (mid-epoch) and resumed gives the same losses and weights."""
+    common = TINY_MAE + ["trainer.max_steps=8", "trainer.checkpoint_every_n_steps=3", "data.val_fraction=0.25",
+                         "export.weights=last"]
+    full = tmp_path / "full"
+    pretrain("mae", ds, full, overrides=common)
+    # simulate the kill: a run folder holding only what existed at step 3
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.yaml", cut / "config.yaml")
+    shutil.copy(full / "checkpoints" / "step0000003.ckpt", cut / "checkpoints" / "last.ckpt")
+    res = pretrain("mae", ds, cut, resume=True)
+    assert res["global_step"] == 8
+    a, b = losses(full), losses(cut)
+    assert list(b.index) == [3, 4, 5, 6, 7]
+    assert torch.allclose(torch.tensor(a.loc[3:].to_numpy()), torch.tensor(b.to_numpy()), atol=1e-5), (a, b)
+    wa, wb = load_file(full / "encoder.safetensors"), load_file(cut / "encoder.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_ddp_two_processes_match_one(ds, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 4 each == 1 process, batch 8 (same global batches)."""
+    common = FAST + ["data.image_size=32", "model.backbone=vit_tiny", "model.patch_size=8", "model.pretrained=none",
+                     "augment.enabled=false", "metadata.dropout=0.0", "trainer.max_steps=3", "data.val_fraction=0.0",
+                     "trainer.accelerator=cpu", "export.weights=last", "optim.name=sgd", "optim.lr=0.01",
+              "optim.weight_decay=0.0"]  # SGD: Adam would amplify float noise in zero-gradient biases
+    one = tmp_path / "one"
+    pretrain("metadata", ds, one, overrides=common + ["data.batch_size=8"])
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RADPRETRAIN_LOGLEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "radpretrain.cli",
+           "pretrain", "--method", "metadata", "--data", str(ds), "--out", str(two), *common, "data.batch_size=4"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "MEMBER: 2/2" in p.stderr and "distributed_backend=gloo" in p.stderr, p.stderr[-2000:]
+    wa, wb = load_file(one / "encoder.safetensors"), load_file(two / "encoder.safetensors")
+    diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    la, lb = losses(one), losses(two)
+    assert len(la) == len(lb) == 3
+    assert torch.allclose(torch.tensor(la.to_numpy()), torch.tensor(lb.to_numpy()), rtol=1e-4), (la, lb)
+    assert la.iloc[-1] < la.iloc[0]  # it trained
+
+
+def test_epoch_batch_sampler_shards_and_skips():
+    one = EpochBatchSampler(20, 8, seed=3, world=1)
+    r0 = EpochBatchSampler(20, 4, seed=3, rank=0, world=2)
+    r1 = EpochBatchSampler(20, 4, seed=3, rank=1, world=2)
+    for s in (one, r0, r1):
+        s.set_epoch(2)
+    b1, b0, b1r = list(one), list(r0), list(r1)
+    assert len(b1) == len(b0) == len(b1r) == 2
+    for g, x, y in zip(b1, b0, b1r):
+        assert sorted(g) == sorted(x + y)          # same global batches
+    one.set_epoch(3)
+    assert list(one) != b1                       # reshuffled per epoch
+    one.set_epoch(2)
+    one.skip_batches(2, 1)
+    assert list(one) == b1[1:] and list(one) == b1   # skip applies once
+    w = EpochBatchSampler(20, 10, seed=0, weights=[1.0] * 10 + [0.0] * 10)
+    assert all(i < 10 for b in w for i in b)
+
+
+def test_select_images_patient_grouped_val_and_cap(ds):
+    from radpretrain.data.store import Store
+
+    store = Store(ds)
+    cfg = resolve_config("mae", overrides=["data.val_fraction=0.25", "+data.max_per_patient=1"], data=str(ds))
+    tr, va = select_images(store, cfg)
+    pid = store.images["patient_id"].to_numpy()
+    assert not set(pid[tr]) & set(pid[va])
+    assert len(set(pid[tr])) == len(tr) and len(set(pid[va])) == len(va)  # at most one per patient
+    assert len(va) == 6
+
+
+def test_config_errors_are_user_errors(ds, tmp_path):
+    with pytest.raises(UserError, match="unknown key"):
+        resolve_config("mae", overrides=["trainer.max_stepz=3"])
+    with pytest.raises(UserError, match="nothing to resume|no config"):
+        pretrain("mae", ds, tmp_path / "none", resume=True)
+    with pytest.raises(UserError, match="data.resize"):
+        pretrain("mae", ds, tmp_path / "bad", overrides=["data.resize=crop"])
+
+
+def test_bucket_batches_reach_mae_and_balance_weights(ds, tmp_path):
+    import lightning as L
+    import numpy as np
+
+    from radpretrain.data.store import Store
+    from radpretrain.pretrain import balance_weights
+
+    shapes = set()
+
+    class Shapes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            shapes.add(tuple(batch["image"].shape[-2:]))
+
+    res = pretrain("mae", ds, tmp_path / "bk", overrides=TINY_MAE + ["data.batch_size=4", "trainer.max_steps=10",
+                                                                     "data.resize=bucket"], callbacks=[Shapes()])
+    assert res["global_step"] == 10 and len(shapes) >= 2 and any(h != w for h, w in shapes)
+    store = Store(ds)
+    rows = np.arange(len(store.images))[:20]
+    w = balance_weights(store.images, rows, "body_part")
+    parts = store.images["body_part"].to_numpy()[rows]
+    totals = {p: w[parts == p].sum() for p in set(parts)}
+    assert np.allclose(list(totals.values()), 1.0)
+    assert balance_weights(store.images, rows, "none") is None
