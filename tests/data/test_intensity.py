@@ -59,3 +59,18 @@ def test_is_blank():
     x = np.full((50, 50), 0.3, np.float32)
     x[10, 10] = 0.9
     assert not I.is_blank(x)
+
+
+def test_resize_is_identical_to_a_copied_pil_image():
+    """resize_max maps the float array into PIL without a copy: same pixels as Image.frombuffer's copy."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for shape, size in (((2560, 2048), 512), ((333, 517), 77), ((90, 31), 40)):
+        img = rng.random(shape, dtype=np.float32)
+        h, w = shape
+        out = I.resize_max(img, size)
+        im = Image.frombuffer("F", (w, h), img, "raw", "F", 0, 1)
+        ref = np.clip(np.asarray(im.resize(out.shape[::-1], resample=Image.Resampling.BOX), dtype=np.float32), 0, 1)
+        assert out.dtype == np.float32 and np.array_equal(out, ref)
+    assert np.array_equal(I._float_image(img, w, h), img)  # the mapped image holds the array's values

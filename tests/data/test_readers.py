@@ -214,3 +214,73 @@ def test_lookup_table_path_signed_pixels():
     ds = make_dicom(arr)   # percentile window, lookup table over the int16 range
     img, _ = R.load_image(ds)
     np.testing.assert_allclose(img, R.grey_transfer(arr, ds)(arr), atol=1e-6)
+
+
+def _reference_stored(img01, max_size):
+    from radpretrain.data import intensity as I
+    from radpretrain.data.store import to_stored
+
+    return to_stored(I.resize_max(img01, max_size))
+
+
+def _decoded_cases(tmp_path):
+    rng = np.random.default_rng(7)
+    u8 = rng.integers(0, 256, (90, 70), dtype=np.uint8)
+    big8 = rng.integers(10, 240, (700, 300), dtype=np.uint8)
+    Image.fromarray(u8).save(tmp_path / "a.png")
+    Image.fromarray(big8).save(tmp_path / "b.jpg", quality=90)
+    Image.fromarray(ramp(60, 50, top=4000)).save(tmp_path / "c16.png")
+    Image.fromarray(np.stack([u8] * 3, -1)).save(tmp_path / "rgb.png")
+    arr = ramp(400, 300, top=4095)  # > 65536 pixels: the blocked window path
+    noisy = np.clip(arr.astype(np.int32) + rng.integers(-30, 30, arr.shape), 0, 4095).astype(np.uint16)
+    return [
+        u8, big8, np.full((64, 64), 17, np.uint8), np.zeros((0, 0), np.uint8), ramp(40, 40, top=4095),
+        tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c16.png", tmp_path / "rgb.png",
+        make_dicom(noisy), make_dicom(noisy, photometric="MONOCHROME1", window=(2000.0, 3000.0)),
+        make_dicom(noisy, modality="CT", slope=1.0, intercept=-1024.0), make_dicom(noisy, modality="MR"),
+        make_dicom((ramp(400, 300, top=4000).astype(np.int32) - 2000).astype(np.int16)),
+        make_dicom(np.full((300, 300), 1000, np.uint16)), make_dicom(np.full((300, 300), 1000, np.uint16),
+                                                                      window=(3000.0, 10.0)),
+    ]
+
+
+@pytest.mark.parametrize("max_size", [512, 96, 37])
+def test_decoded_shortcuts_equal_load_image_plus_resize(tmp_path, max_size):
+    """What ingest stores (Decoded.stored / is_blank) == to_stored(resize_max(load_image(x))): bit-identical."""
+    from radpretrain.data import intensity as I
+
+    for case in _decoded_cases(tmp_path):
+        try:
+            img, meta = R.load_image(case, with_hash=True)
+        except R.ReadError:
+            continue
+        dec = R.load_image(case, with_hash=True, decoded=True)
+        assert dec.meta == meta or (np.isnan(meta["age_years"]) and
+                                    {k: v for k, v in dec.meta.items() if k != "age_years"} ==
+                                    {k: v for k, v in meta.items() if k != "age_years"})
+        assert dec.shape == img.shape
+        assert np.array_equal(dec.img01(), img) and dec.img01().dtype == np.float32
+        assert dec.is_blank() == I.is_blank(img)
+        if img.size:
+            want = _reference_stored(img, max_size)
+            got = dec.stored(max_size)
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_blocked_window_pass_is_bit_identical():
+    from radpretrain.data import intensity as I
+
+    rng = np.random.default_rng(1)
+    for dtype, lo, hi in ((np.uint16, 0, 4096), (np.int16, -3000, 3000)):
+        x = rng.integers(lo, hi, (333, 517)).astype(dtype)
+        for a, b in ((1 / 2047.3, -0.11), (-1 / 1500.0, 1.7)):
+            ref = x.astype(np.float32)
+            ref *= np.float32(a)
+            ref += np.float32(b)
+            np.clip(ref, 0.0, 1.0, out=ref)
+            stats = {}
+            out = I.affine_clip(x, a, b, stats=stats)
+            assert np.array_equal(out, ref)
+            assert (stats["raw_min"], stats["raw_max"]) == (x.min(), x.max())
+            ends = I.affine_clip_values([x.min(), x.max()], a, b)
+            assert (ends.min(), ends.max()) == (ref.min(), ref.max())

@@ -40,7 +40,7 @@ from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
 from radpretrain.data.deid import Pseudonymizer, key_path
 from radpretrain.data.store import (
-    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, to_stored, write_manifest, write_store_meta,
+    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, write_manifest, write_store_meta,
 )
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
@@ -209,6 +209,20 @@ _CFG: dict = {}
 def _init_worker(cfg):
     global _CFG
     _CFG = cfg
+    if cfg.get("parent_pid") is not None:  # a pool worker: one thread each (no BLAS/OpenMP oversubscription)
+        _limit_threads()
+
+
+def _limit_threads() -> None:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: numpy then keeps its default
+        return
+    global _THREAD_LIMIT
+    _THREAD_LIMIT = threadpool_limits(1)
+
+
+_THREAD_LIMIT = None
 
 
 def _patient_from_path(root_rel: str, rel: str, cfg, pseudo) -> tuple[str, str]:
@@ -345,16 +359,18 @@ def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
         row["view"] = R.normalise_view(None, root_rel)
 
 
-def _store_image(row, img01, meta, cfg, writer, shard_name):
-    row["orig_height"], row["orig_width"] = int(img01.shape[0]), int(img01.shape[1])
+def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
+    """QC and store one decoded image; ``dec.stored`` == to_stored(resize_max(load_image's img01))."""
+    meta = dec.meta
+    row["orig_height"], row["orig_width"] = dec.shape
     row["content_hash"] = meta.get("content_hash", "")
-    if meta.get("raw_constant") or I.is_blank(img01):
+    if meta.get("raw_constant") or dec.is_blank():
         row["reason"] = "blank"
         return
-    if min(img01.shape) < cfg["min_size"]:
+    if min(dec.shape) < cfg["min_size"]:
         row["reason"] = "too_small"
         return
-    small = to_stored(I.resize_max(img01, cfg["max_size"]))
+    small = dec.stored(cfg["max_size"])
     row["offset"] = int(writer.append(small))
     row["shard"] = shard_name
     row["height"], row["width"] = int(small.shape[0]), int(small.shape[1])
@@ -367,7 +383,8 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
     if kind == "sidecar":
         return [], 1
     fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
-    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "with_hash": True}
+    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "with_hash": True,
+            "decoded": True}
     rows = []
     try:
         if kind == "nifti":
@@ -381,9 +398,9 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
             for j, z in enumerate(idx):
                 row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"z{z}", (i, j))
                 try:
-                    img, meta = R.load_image(full, index=z, kind="nifti", **opts)
-                    _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
-                    _store_image(row, img, meta, cfg, writer, shard_name)
+                    dec = R.load_image(full, index=z, kind="nifti", **opts)
+                    _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
+                    _store_image(row, dec, cfg, writer, shard_name)
                 except R.ReadError as e:
                     row["reason"] = e.reason
                 rows.append(row)
@@ -406,10 +423,10 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
                             lv = np.asarray(labs[j]).reshape(-1)
                             row["label"] = int(lv[0]) if lv.size == 1 else ",".join(str(int(v)) for v in lv)
                         try:
-                            img, meta = R.load_image(np.asarray(arr[j]), **opts)
-                            meta["source_format"] = "npz"
-                            _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
-                            _store_image(row, img, meta, cfg, writer, shard_name)
+                            dec = R.load_image(np.asarray(arr[j]), **opts)
+                            dec.meta["source_format"] = "npz"
+                            _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
+                            _store_image(row, dec, cfg, writer, shard_name)
                         except R.ReadError as e:
                             row["reason"] = e.reason
                         rows.append(row)
@@ -419,18 +436,19 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
         if kind == "dicom":
             ds = R.read_dicom(full)
             with R.quiet_pydicom():
-                _fill_meta(row, R.dicom_meta(ds), cfg, pseudo, rel, root_rel)  # kept even if decoding fails
-            img, meta = R.load_image(ds, index=0, **opts)
+                facts = R.dicom_meta(ds)
+                _fill_meta(row, facts, cfg, pseudo, rel, root_rel)  # kept even if decoding fails
+            dec = R.load_image(ds, index=0, dicom_facts=facts, **opts)
         elif kind in R.IMAGE_KINDS:
-            img, meta = R.load_image(full, kind=kind, **opts)
+            dec = R.load_image(full, kind=kind, **opts)
         elif kind == "unreadable":
             raise R.ReadError("unreadable")
         elif kind == "empty":
             raise R.ReadError("empty_file")
         else:
             raise R.ReadError("not_dicom_or_image")
-        _fill_meta(row, meta, cfg, pseudo, rel, root_rel)
-        _store_image(row, img, meta, cfg, writer, shard_name)
+        _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
+        _store_image(row, dec, cfg, writer, shard_name)
     except R.ReadError as e:
         if not rows:
             rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))

@@ -51,9 +51,42 @@ def affine_of(values: np.ndarray, lut: np.ndarray, tol: float = 1e-5) -> tuple[f
     return (a, b) if float(np.max(np.abs(fit - lut))) <= tol else None
 
 
-def affine_clip(x: np.ndarray, a: float, b: float) -> np.ndarray:
-    """clip(a * x + b, 0, 1) as float32, computed in place on one new array."""
-    out = np.asarray(x).astype(np.float32)
+_BLOCK_VALUES = 1 << 16  # values per block of the blocked passes (256 KiB of float32: stays in cache)
+
+
+def affine_clip(x: np.ndarray, a: float, b: float, stats: dict | None = None) -> np.ndarray:
+    """clip(a * x + b, 0, 1) as float32.
+
+    Evaluated in row blocks that stay in the CPU cache (cast, multiply, add and
+    clip on one block before the next), which is bit-identical to the same four
+    steps over the whole array.  ``stats``: when given, receives ``raw_min`` and
+    ``raw_max`` of ``x`` (measured on the same cached blocks).
+    """
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    a32, b32 = np.float32(a), np.float32(b)
+    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+    flat = out.reshape(rows.shape)
+    step = max(1, _BLOCK_VALUES // max(1, rows.shape[1]))
+    lo = hi = None
+    for r in range(0, rows.shape[0], step):
+        src, o = rows[r : r + step], flat[r : r + step]
+        if stats is not None and src.size:
+            bmin, bmax = src.min(), src.max()
+            lo = bmin if lo is None or bmin < lo else lo
+            hi = bmax if hi is None or bmax > hi else hi
+        o[...] = src
+        o *= a32
+        o += b32
+        np.clip(o, 0.0, 1.0, out=o)
+    if stats is not None:
+        stats["raw_min"], stats["raw_max"] = lo, hi
+    return out
+
+
+def affine_clip_values(values, a: float, b: float) -> np.ndarray:
+    """:func:`affine_clip` of a few values, with the same float32 steps (bit-identical results)."""
+    out = np.asarray(values).astype(np.float32)
     out *= np.float32(a)
     out += np.float32(b)
     return np.clip(out, 0.0, 1.0, out=out)
@@ -121,12 +154,20 @@ def scale_by_depth(arr: np.ndarray) -> np.ndarray:
     return percentile_window(a)
 
 
-def is_blank(img01: np.ndarray, tol: float = 1.0 / 255) -> bool:
+BLANK_TOL = 1.0 / 255
+
+
+def is_blank(img01: np.ndarray, tol: float = BLANK_TOL) -> bool:
     """True when the image carries no information (constant within one grey level)."""
     if img01.size == 0:
         return True
     s = _sample(img01)
     return float(np.max(s) - np.min(s)) < tol and float(np.ptp(img01)) < tol
+
+
+def is_blank_range(lo, hi, tol: float = BLANK_TOL) -> bool:
+    """:func:`is_blank` from the image's float32 minimum and maximum (same test: their difference < tol)."""
+    return float(np.float32(hi) - np.float32(lo)) < tol
 
 
 def resize_max(img01: np.ndarray, max_size: int) -> np.ndarray:
@@ -139,6 +180,23 @@ def resize_max(img01: np.ndarray, max_size: int) -> np.ndarray:
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
     nh, nw = min(nh, max_size), min(nw, max_size)
     src = np.ascontiguousarray(img01, dtype=np.float32)
-    im = Image.frombuffer("F", (w, h), src, "raw", "F", 0, 1)
+    im = _float_image(src, w, h)
     out = np.asarray(im.resize((nw, nh), resample=Image.Resampling.BOX), dtype=np.float32)
     return np.clip(out, 0.0, 1.0)
+
+
+def _float_image(src: np.ndarray, w: int, h: int) -> Image.Image:
+    """A PIL "F" image over the memory of a C-contiguous float32 array, without a copy.
+
+    ``Image.frombuffer`` maps only 8/16-bit modes; for "F" it allocates, zero-fills and
+    copies the whole image, which costs more than the resize itself on large radiographs.
+    The resize then reads the same values, so the result is identical; if this Pillow
+    lacks the mapping, ``frombuffer`` is used.
+    """
+    try:
+        core = Image.core.map_buffer(src, (w, h), "raw", 0, ("F", 0, 1))
+        im = Image.new("F", (0, 0))._new(core)
+        im.readonly = 1
+        return im
+    except Exception:
+        return Image.frombuffer("F", (w, h), src, "raw", "F", 0, 1)

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -284,13 +285,17 @@ def _decode_frame(ds, frame: int) -> np.ndarray:
         raise ReadError("decode_error") from None
 
 
-def dicom_to_unit(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, frame: int = 0) -> np.ndarray:
+def dicom_to_unit(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, frame: int = 0,
+                  stats: dict | None = None) -> np.ndarray:
     """The DICOM intensity pipeline (module doc of :mod:`intensity`); returns float32 [0, 1], bone bright.
 
     Grey images go through a pointwise transfer function (modality LUT, window
     or VOI LUT, MONOCHROME1 inversion) whose data-dependent parts (percentiles)
     are measured on the image first; for integer pixels it is evaluated once
     per possible value and applied as a lookup table (one pass over the image).
+    ``stats``: when given and the transfer is window-like, receives ``raw_min``,
+    ``raw_max`` of ``arr`` and ``range01`` (the result's float32 min and max),
+    measured during that pass.
     """
     from pydicom.pixels import apply_color_lut
 
@@ -313,7 +318,12 @@ def dicom_to_unit(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I
             lut = transfer(values).astype(np.float32, copy=False)
             affine = I.affine_of(values, lut)
             if affine is not None:  # window-like transfer: clip(a * x + b) in place, cheaper than a gather
-                return I.affine_clip(arr, *affine)
+                out = I.affine_clip(arr, *affine, stats=stats)
+                if stats is not None and stats.get("raw_min") is not None:
+                    # monotonic: the result's extremes are the transfer of the raw extremes (same float32 steps)
+                    ends = I.affine_clip_values([stats["raw_min"], stats["raw_max"]], *affine)
+                    stats["range01"] = (float(ends.min()), float(ends.max()))
+                return out
             return np.take(lut, arr.view(unsigned))
         return transfer(arr).astype(np.float32, copy=False)
 
@@ -514,7 +524,8 @@ def _non_dicom_meta(fmt: str, arr: np.ndarray) -> dict:
 
 
 def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE,
-               with_hash: bool = False, kind: str | None = None):
+               with_hash: bool = False, kind: str | None = None, decoded: bool = False,
+               dicom_facts: dict | None = None):
     """Decode one image to ``(img01 float32 2-D in [0, 1], meta)`` with the ingest intensity rules.
 
     ``src``: a path (DICOM by content, PNG/JPEG/TIFF, NIfTI, NPZ), a pydicom
@@ -523,41 +534,100 @@ def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_perce
     slice (default: the middle one when ``index`` is None) or NPZ image (of the
     first ``*_images`` array).  Raises :class:`ReadError` (a reason code).
     ``meta`` holds normalised facts and, in memory only, raw identifiers.
+    ``decoded=True`` returns a :class:`Decoded` instead (what ingest uses: the
+    same image and meta, plus exact shortcuts to the stored pixels);
+    ``dicom_facts``: :func:`dicom_meta` of the dataset when the caller has it already.
     """
+    kw = dict(index=index, ct_window=ct_window, mr_percentile=mr_percentile, with_hash=with_hash, kind=kind,
+              dicom_facts=dicom_facts)
     if kind in IMAGE_KINDS or isinstance(src, np.ndarray):  # no pydicom involved: no need to quieten it
-        return _load_image(src, index=index, ct_window=ct_window, mr_percentile=mr_percentile,
-                           with_hash=with_hash, kind=kind)
-    with quiet_pydicom():
-        return _load_image(src, index=index, ct_window=ct_window, mr_percentile=mr_percentile,
-                           with_hash=with_hash, kind=kind)
+        d = _decode(src, **kw)
+    else:
+        with quiet_pydicom():
+            d = _decode(src, **kw)
+    return d if decoded else (d.img01(), d.meta)
 
 
-def _load_image(src, *, index, ct_window, mr_percentile, with_hash, kind):
-    import pydicom
+_U8 = np.arange(256, dtype=np.uint8)
 
+
+@functools.lru_cache(maxsize=None)
+def _u8_tables():
+    """[0, 1] value and stored value of every uint8 pixel under the 8-bit rule (same functions, elementwise)."""
+    from radpretrain.data.store import to_stored
+
+    unit = I.scale_by_depth(_U8)
+    stored = to_stored(unit)
+    return unit, stored, bool(np.array_equal(stored, _U8))
+
+
+class Decoded:
+    """One decoded image: ``meta`` (as :func:`load_image` gives it), its [0, 1] image and shortcuts for ingest.
+
+    :meth:`img01` is exactly ``load_image``'s image; :meth:`stored` is exactly
+    ``store.to_stored(intensity.resize_max(img01, max_size))`` and
+    :meth:`is_blank` exactly ``intensity.is_blank(img01)``, but without the
+    float image where that is not needed: an 8-bit grey image that needs no
+    resizing is mapped through a 256-entry table of the same functions, and
+    window-like DICOM transfers measure the extremes during their single pass.
+    """
+
+    __slots__ = ("meta", "shape", "_img", "_u8", "_range01")
+
+    def __init__(self, meta, shape, img=None, u8=None, range01=None):
+        self.meta, self.shape, self._img, self._u8, self._range01 = meta, shape, img, u8, range01
+
+    def img01(self) -> np.ndarray:
+        if self._img is None:
+            self._img = np.ascontiguousarray(I.scale_by_depth(self._u8), dtype=np.float32)
+        return self._img
+
+    def is_blank(self) -> bool:
+        if self._img is None and self._u8 is not None and self._u8.size:
+            unit = _u8_tables()[0]
+            return I.is_blank_range(unit[int(self._u8.min())], unit[int(self._u8.max())])
+        if self._range01 is not None:
+            return I.is_blank_range(*self._range01)
+        return I.is_blank(self.img01())
+
+    def stored(self, max_size: int | None) -> np.ndarray:
+        """The uint8 pixels ingest stores (longest side <= ``max_size``)."""
+        from radpretrain.data.store import to_stored
+
+        if self._u8 is not None and (not max_size or max(self.shape) <= max_size):
+            _, table, identity = _u8_tables()
+            return self._u8 if identity else np.take(table, self._u8)
+        return to_stored(I.resize_max(self.img01(), max_size))
+
+
+def _is_dataset(src) -> bool:
+    pydicom = sys.modules.get("pydicom")  # a Dataset exists only once pydicom is imported: no import for PNG/JPEG
+    return pydicom is not None and isinstance(src, pydicom.Dataset)
+
+
+def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_facts=None) -> Decoded:
+    stats: dict = {}
+    img = None
     if isinstance(src, np.ndarray):
         arr = src
         meta = _non_dicom_meta("array", arr)
-        img = image_to_unit(arr)
-    elif isinstance(src, pydicom.Dataset):
+    elif _is_dataset(src):
         ds = src
         arr = _decode_frame(ds, index or 0)
-        meta = dicom_meta(ds)
-        img = dicom_to_unit(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=index or 0)
+        meta = dict(dicom_facts) if dicom_facts is not None else dicom_meta(ds)
+        img = dicom_to_unit(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=index or 0, stats=stats)
     elif hasattr(src, "mode") and hasattr(src, "size") and not isinstance(src, (str, Path)):
         arr = pil_to_array(src)
         meta = _non_dicom_meta("png", arr)
-        img = image_to_unit(arr)
     else:
-        path = Path(src)
+        path = src if isinstance(src, str) else Path(src)  # a str is used as is (no Path object per file)
         kind = kind or sniff(path)
         if kind == "dicom":
-            return _load_image(read_dicom(path), index=index, ct_window=ct_window, mr_percentile=mr_percentile,
-                               with_hash=with_hash, kind=None)
+            return _decode(read_dicom(path), index=index, ct_window=ct_window, mr_percentile=mr_percentile,
+                           with_hash=with_hash, kind=None, dicom_facts=dicom_facts)
         if kind in IMAGE_KINDS:
             arr = read_pil(path, kind)
             meta = _non_dicom_meta(kind, arr)
-            img = image_to_unit(arr)
         elif kind == "nifti":
             shape = nifti_shape(path)
             z = index if index is not None else (shape[2] // 2 if len(shape) >= 3 else 0)
@@ -572,16 +642,30 @@ def _load_image(src, *, index, ct_window, mr_percentile, with_hash, kind):
             with np.load(path, allow_pickle=False) as z:
                 arr = np.asarray(z[keys[0][0]][index or 0])
             meta = _non_dicom_meta("npz", arr)
-            img = image_to_unit(arr)
         elif kind in ("unreadable", "empty"):
             raise ReadError("unreadable" if kind == "unreadable" else "empty_file")
         else:
             raise ReadError("not_dicom_or_image")
-    if img.ndim != 2:
+    u8 = None
+    if img is None:  # non-DICOM pixels (file, PIL image, array): the PNG rules
+        if arr.dtype == np.uint8 and arr.ndim == 2:
+            u8 = np.ascontiguousarray(arr)  # 8-bit grey: the [0, 1] image is made only when needed
+            lo, hi = (int(u8.min()), int(u8.max())) if u8.size else (0, 0)
+            stats = {"raw_min": lo, "raw_max": hi}
+        else:
+            img = image_to_unit(arr)
+    shape = u8.shape if u8 is not None else img.shape
+    if len(shape) != 2:
         raise ReadError("decode_error")
-    meta["orig_height"], meta["orig_width"] = int(img.shape[0]), int(img.shape[1])
-    meta["raw_constant"] = bool(arr.size == 0 or (np.ptp(I._sample(arr)) == 0 and np.ptp(arr) == 0))
+    meta["orig_height"], meta["orig_width"] = int(shape[0]), int(shape[1])
+    if arr.size == 0:
+        meta["raw_constant"] = True
+    elif stats.get("raw_min") is not None:
+        meta["raw_constant"] = bool(stats["raw_min"] == stats["raw_max"])
+    else:
+        meta["raw_constant"] = bool(np.ptp(I._sample(arr)) == 0 and np.ptp(arr) == 0)
     if with_hash:
         meta["content_hash"] = content_hash(arr)
-    return np.ascontiguousarray(img, dtype=np.float32), meta
-
+    if img is not None:
+        img = np.ascontiguousarray(img, dtype=np.float32)
+    return Decoded(meta, (int(shape[0]), int(shape[1])), img=img, u8=u8, range01=stats.get("range01"))

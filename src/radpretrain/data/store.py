@@ -81,7 +81,7 @@ class ShardWriter:
         if a.ndim != 2 or a.dtype != self.dtype:
             raise ValueError(f"expected a 2-D {self.dtype} array, got {a.dtype} {a.shape}")
         off = self.offset
-        self._f.write(a.tobytes())
+        self._f.write(a.reshape(-1).view(np.uint8).data)  # the bytes as they are, without a copy
         self.offset += a.nbytes
         self.count += 1
         return off
