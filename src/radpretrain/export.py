@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from radpretrain.config import get as cfg_get
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
 
@@ -187,15 +188,6 @@ def _read_run_config(run_dir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _cfg_get(cfg: dict, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def build_config(model: torch.nn.Module, meta: dict, cfg: dict | None = None,
                  store_max_size: int | None = None) -> dict:
     """``config.json`` content: timm's hub keys plus radpretrain's encoder description."""
@@ -206,16 +198,16 @@ def build_config(model: torch.nn.Module, meta: dict, cfg: dict | None = None,
     kwargs.pop("num_classes", None)
     kwargs.pop("pretrained", None)
     size = int(pre.get("image_size") or meta.get("image_size") or kwargs.get("img_size")
-               or _cfg_get(cfg, "data.image_size") or 224)
+               or cfg_get(cfg, "data.image_size") or 224)
     if "mean" not in pre or "std" not in pre:
-        mean, std = _cfg_get(cfg, "data.mean"), _cfg_get(cfg, "data.std")
+        mean, std = cfg_get(cfg, "data.mean"), cfg_get(cfg, "data.std")
         if mean is None or std is None:
             raise UserError(f"encoder.json: no preprocessing mean/std recorded for {meta.get('arch')}; "
                             "cannot export an encoder whose input normalisation is unknown")
         pre.setdefault("mean", mean)
         pre.setdefault("std", std)
     mean, std = _scalar(pre["mean"]), _scalar(pre["std"])
-    resize = str(pre.get("resize") or meta.get("resize") or _cfg_get(cfg, "data.resize") or "letterbox")
+    resize = str(pre.get("resize") or meta.get("resize") or cfg_get(cfg, "data.resize") or "letterbox")
     in_chans = int(kwargs["in_chans"])
     preprocessing = {
         "mean": mean,
@@ -282,7 +274,7 @@ def _public_training_info(training) -> dict:
 
 
 def _init_text(training: dict, cfg: dict, arch: str) -> str:
-    src = training.get("pretrained_from", _cfg_get(cfg, "model.pretrained"))
+    src = training.get("pretrained_from", cfg_get(cfg, "model.pretrained"))
     if src in (None, "", "none", "None", "scratch", False):
         return "random (trained from scratch)"
     if src == "imagenet":
@@ -317,7 +309,7 @@ def _find_store(run_dir: Path, cfg: dict, meta: dict, data=None):
     if data:
         cands.append(data)
     for key in ("data.root", "data.store", "data.path", "data.dataset", "data.data", "dataset", "data_dir", "store"):
-        v = _cfg_get(cfg, key)
+        v = cfg_get(cfg, key)
         if isinstance(v, str) and v:
             cands.append(v)
     if isinstance(cfg.get("data"), str):

@@ -271,6 +271,26 @@ def split_indices(root_or_store, fraction=None, splits: pd.DataFrame | None = No
     return out
 
 
+def carve_val(rest: pd.DataFrame, val: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the non-test rows into (train, val), patient-grouped and stratified.
+
+    In every stratum the ``round(val * n)`` patients with the *highest*
+    ``frac_rank`` go to val (at least one patient overall when ``val > 0`` and
+    there are two or more), so the nested label fractions, taken from the
+    lowest ranks, never touch val.
+    """
+    val_pat: set = set()
+    if val > 0 and len(rest):
+        pat = rest.groupby("patient_id", sort=True).agg(frac_rank=("frac_rank", "first"), stratum=("stratum", "first"))
+        for _, g in pat.groupby("stratum", sort=True):
+            g = g.sort_values("frac_rank", ascending=False, kind="stable")
+            val_pat.update(g.index[: int(round(val * len(g)))])
+        if not val_pat and len(pat) >= 2:
+            val_pat = {pat["frac_rank"].idxmax()}
+    in_val = rest["patient_id"].isin(val_pat)
+    return rest[~in_val], rest[in_val]
+
+
 def fold_indices(root_or_store, fold: int, val: float | None = None, fraction=None,
                  splits: pd.DataFrame | None = None, respect_keep: bool = True) -> dict[str, np.ndarray]:
     """Cross-validation fold ``fold``: rows of ``Store.images`` for train, val and test.
@@ -291,16 +311,7 @@ def fold_indices(root_or_store, fold: int, val: float | None = None, fraction=No
         val = float(read_json(meta).get("val", 0.1)) if meta.is_file() else 0.1
     test_df = select(df, fold=fold, respect_keep=respect_keep)
     rest = select(df, exclude_fold=fold, respect_keep=respect_keep)
-    val_pat: set = set()
-    if val > 0 and len(rest):
-        pat = rest.groupby("patient_id", sort=True).agg(frac_rank=("frac_rank", "first"), stratum=("stratum", "first"))
-        for _, g in pat.groupby("stratum", sort=True):
-            g = g.sort_values("frac_rank", ascending=False, kind="stable")
-            val_pat.update(g.index[: int(round(val * len(g)))])
-        if not val_pat and len(pat) >= 2:
-            val_pat = {pat["frac_rank"].idxmax()}
-    val_df = rest[rest["patient_id"].isin(val_pat)]
-    train_df = rest[~rest["patient_id"].isin(val_pat)]
+    train_df, val_df = carve_val(rest, val)
     if fraction is not None:
         train_df = select(train_df, fraction=fraction, respect_keep=False)
     return {name: _rows_of(store, df, d["image_id"]) for name, d in (("train", train_df), ("val", val_df), ("test", test_df))}

@@ -69,7 +69,7 @@ def load_or_make_splits(store, target_column: str | None, n_folds: int | None, s
 def fold_sets(table: pd.DataFrame, splits: pd.DataFrame, fractions: list[float], n_eval_folds: int,
               val: float = 0.1, val_fraction: str = "same") -> list[FoldSet]:
     """The train/val/test positions (into ``table``) of every (fold, fraction), in a fixed order."""
-    from radpretrain.data.splits import select
+    from radpretrain.data.splits import carve_val, select
 
     pos = pd.Series(np.arange(len(table)), index=table["image_id"].astype(str).to_numpy())
     df = splits[splits["image_id"].astype(str).isin(pos.index)]
@@ -83,15 +83,7 @@ def fold_sets(table: pd.DataFrame, splits: pd.DataFrame, fractions: list[float],
     for k in sorted(int(f) for f in df["fold"].unique())[:n_eval_folds]:
         test = select(df, fold=k, respect_keep=False)
         rest = select(df, exclude_fold=k, respect_keep=False)
-        pat = rest.groupby("patient_id", sort=True).agg(frac_rank=("frac_rank", "first"), stratum=("stratum", "first"))
-        val_pat: set = set()
-        for _, g in pat.groupby("stratum", sort=True):
-            g = g.sort_values("frac_rank", ascending=False, kind="stable")
-            val_pat.update(g.index[: int(round(val * len(g)))])
-        if not val_pat and len(pat) >= 2:
-            val_pat = {pat["frac_rank"].idxmax()}
-        val_df = rest[rest["patient_id"].isin(val_pat)]
-        train_df = rest[~rest["patient_id"].isin(val_pat)]
+        train_df, val_df = carve_val(rest, val)
         for f in fractions:
             tr = select(train_df, fraction=f, respect_keep=False)
             va = select(val_df, fraction=f, respect_keep=False) if val_fraction == "same" else val_df
