@@ -44,12 +44,20 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining config")
 
 
-def _step(title: str, argv: list[str]) -> None:
+def _step(title: str, argv: list[str], stdout_to: Path | None = None) -> None:
+    """Run one stage through the CLI; ``stdout_to`` keeps a stage's machine-readable stdout in a file."""
+    import contextlib
+
     from radpretrain.cli import main as cli_main
 
     print(f"\n== {title}\n$ radpretrain {shlex.join(argv)}", flush=True)
     t0 = time.time()
-    rc = cli_main(argv)
+    if stdout_to is not None:
+        stdout_to.parent.mkdir(parents=True, exist_ok=True)
+        with open(stdout_to, "w") as f, contextlib.redirect_stdout(f):
+            rc = cli_main(argv)
+    else:
+        rc = cli_main(argv)
     if rc != 0:
         raise UserError(f"demo stage '{title}' failed (exit status {rc}); fix the problem above and rerun: "
                         "finished stages are reused")
@@ -58,6 +66,27 @@ def _step(title: str, argv: list[str]) -> None:
 
 def _skip(title: str, why: str) -> None:
     print(f"\n== {title}: already done ({why}), reusing it", flush=True)
+
+
+def headline_table(summary: dict) -> str:
+    """A readable table of the evaluation's headline rows: metric [95 % CI] per init and label fraction,
+    with the paired difference to ImageNet and to scratch."""
+    rows = summary.get("headline", [])
+    if not rows:
+        return "(no headline rows in summary.json)"
+    metric = rows[0].get("metric", "metric")
+    lines = [f"| protocol | labels | init | {metric} [95 % CI] | vs scratch | vs ImageNet |", "|---|---|---|---|---|---|"]
+
+    def delta(r, ref):
+        if f"delta_vs_{ref}" not in r:
+            return "–"
+        lo, hi = r[f"delta_vs_{ref}_ci"]
+        return f"{r[f'delta_vs_{ref}']:+.3f} [{lo:+.3f}, {hi:+.3f}] p={r[f'p_vs_{ref}']:.3f}"
+
+    for r in rows:
+        lines.append(f"| {r['protocol']} | {r['fraction']:.0%} | {r['init']} | {r['value']:.3f} "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {delta(r, 'scratch')} | {delta(r, 'imagenet')} |")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -122,7 +151,8 @@ def run(args) -> int:
         _step("evaluate", ["evaluate", "--data", str(dataset), "--target", target,
                            "--init", "scratch", "--init", "imagenet", "--init", str(run_dir),
                            "--protocol", args.protocol, "--label-fractions", args.fractions,
-                           "--folds", str(args.folds), "--seed", str(args.seed), "--out", str(eval_dir)])
+                           "--folds", str(args.folds), "--seed", str(args.seed), "--out", str(eval_dir)],
+              stdout_to=out / "logs" / "evaluate_stdout.json")
 
     # 7. export (with the evaluation in the model card)
     if (export_dir / "model.safetensors").is_file():
@@ -132,12 +162,7 @@ def run(args) -> int:
 
     # 8. headline
     print("\n== headline")
-    headline = eval_dir / "headline.md"
-    if headline.is_file():
-        print(headline.read_text())
-    else:
-        summary = read_json(eval_dir / "summary.json")
-        print(summary.get("headline", summary))
+    print(headline_table(read_json(eval_dir / "summary.json")))
     print(f"report:  {(eval_dir / 'report.html').resolve()}")
     print(f"encoder: {export_dir.resolve()}  (load with radpretrain.load_encoder)")
     print(f"total demo time: {time.time() - t_start:.0f} s")
