@@ -9,3 +9,9 @@ import os
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)

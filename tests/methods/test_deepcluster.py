@@ -18,14 +18,6 @@ from radpretrain.methods.deepcluster import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blobs(n_per=40, k=8, d=64, seed=0, spread=0.3):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(k, d)) * 3

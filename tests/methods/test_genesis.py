@@ -15,14 +15,6 @@ from radpretrain.methods.genesis import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _img(seed=0, h=64, w=48):
     return np.random.default_rng(1000 + seed).random((h, w)).astype(np.float32)
 

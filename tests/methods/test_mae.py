@@ -14,15 +14,6 @@ CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},
        "optim": {"lr": 2e-3}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: far faster than two on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = make_toy_store(tmp_path_factory.mktemp("toy"), n_patients=8, images_per_patient=2)

@@ -16,14 +16,6 @@ CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},
        "metadata": {"heads": ["body_part", "age", "sex", "view"]}, "augment": {"enabled": False}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return Store(make_toy_store(tmp_path_factory.mktemp("toy"), n_patients=12, images_per_patient=2))

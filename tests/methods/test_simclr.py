@@ -12,14 +12,6 @@ CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},
        "simclr": {"temperature": 0.2, "hidden_dim": 64, "output_dim": 32}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = make_toy_store(tmp_path_factory.mktemp("toy"), n_patients=8, images_per_patient=2)

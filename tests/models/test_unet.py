@@ -10,14 +10,6 @@ from radpretrain.models.unet import UNet, encoder_feature_channels
 from radpretrain.models.weights import load_run_encoder, save_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("arch,norm", [("resnet18", "batch"), ("resnet18", "instance"),
                                        ("efficientnet_b0", "instance"), ("densenet121", "batch")])
 def test_output_shape_equals_input_even_and_odd(arch, norm):
