@@ -359,6 +359,19 @@ def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
         row["view"] = R.normalise_view(None, root_rel)
 
 
+def _decode_into(row, load, cfg, pseudo, rel, root_rel, writer, shard_name, source_format=None) -> None:
+    """One slice/array image of a multi-image input: decode, fill the row, store; a ReadError
+    becomes the row's quarantine reason instead of stopping the file's other images."""
+    try:
+        dec = load()
+        if source_format:
+            dec.meta["source_format"] = source_format
+        _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
+        _store_image(row, dec, cfg, writer, shard_name)
+    except R.ReadError as e:
+        row["reason"] = e.reason
+
+
 def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
     """QC and store one decoded image; ``dec.stored`` == to_stored(resize_max(load_image's img01))."""
     meta = dec.meta
@@ -397,12 +410,8 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
                 return [row], 0
             for j, z in enumerate(idx):
                 row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"z{z}", (i, j))
-                try:
-                    dec = R.load_image(full, index=z, kind="nifti", **opts)
-                    _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
-                    _store_image(row, dec, cfg, writer, shard_name)
-                except R.ReadError as e:
-                    row["reason"] = e.reason
+                _decode_into(row, lambda: R.load_image(full, index=z, kind="nifti", **opts),
+                             cfg, pseudo, rel, root_rel, writer, shard_name)
                 rows.append(row)
             return rows, 0
         if kind == "npz":
@@ -422,13 +431,8 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
                         if labs is not None:
                             lv = np.asarray(labs[j]).reshape(-1)
                             row["label"] = int(lv[0]) if lv.size == 1 else ",".join(str(int(v)) for v in lv)
-                        try:
-                            dec = R.load_image(np.asarray(arr[j]), **opts)
-                            dec.meta["source_format"] = "npz"
-                            _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
-                            _store_image(row, dec, cfg, writer, shard_name)
-                        except R.ReadError as e:
-                            row["reason"] = e.reason
+                        _decode_into(row, lambda: R.load_image(np.asarray(arr[j]), **opts),
+                                     cfg, pseudo, rel, root_rel, writer, shard_name, source_format="npz")
                         rows.append(row)
             return rows, 0
         row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0))
