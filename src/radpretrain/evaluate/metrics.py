@@ -12,8 +12,11 @@ Conventions used across :mod:`radpretrain.evaluate`:
   they are.
 
 Metrics follow scikit-learn's definitions (NumPy implementations, checked against
-scikit-learn in the tests, fast enough for thousands of bootstrap replicates);
-DeLong's test is implemented here (midrank algorithm of Sun & Xu, 2014).
+scikit-learn in the tests); DeLong's test is implemented here (midrank algorithm
+of Sun & Xu, 2014).  The bootstrap does not rebuild every resample: it evaluates
+all replicates at once as weighted metrics of the original images (see the
+comment above :func:`_group_index`), which gives the same replicates as the plain
+resampling loop at a small fraction of the cost.
 """
 
 from __future__ import annotations
@@ -106,6 +109,26 @@ def compute_metrics(task: str, y_true, y_score) -> dict[str, float]:
 
 
 # -- bootstrap over patients ---------------------------------------------------
+#
+# A bootstrap replicate draws k patients with replacement out of the k patients
+# and keeps all images of every drawn patient.  Drawing patient i three times is
+# the same as keeping each of its images three times, so a replicate is fully
+# described by how often each patient was drawn (its multiplicity); every image
+# gets the multiplicity of its patient as a weight.  The fast path below
+# therefore never builds the resampled arrays: it draws many replicates at once
+# as a matrix of multiplicities [replicates, patients] and evaluates each metric
+# as a *weighted* metric of the original images, for all replicates together
+# (matrix products, one sort per score column done in advance, running sums).
+# With integer weights a weighted metric is exactly the metric of the images
+# repeated that many times (tested), so replicates, CIs and p-values are the ones
+# the plain resampling loop gives for the same draws.  The draws are made with the
+# same random calls as that loop (one ``rng.integers(0, k, size=k)`` per
+# replicate), so a seed gives the same replicates either way.
+
+# Replicates are processed in chunks of at most this many image weights
+# (replicates x images), which bounds memory to a few MB whatever n_boot is.
+_CHUNK_WEIGHTS = 250_000
+
 
 def _group_index(groups) -> tuple[list[np.ndarray], int]:
     """Row indices of every group (patient)."""
@@ -122,6 +145,284 @@ def _resample(members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray
     return np.concatenate([members[i] for i in pick])
 
 
+def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
+    """Patient number (0..k-1, same numbering as :func:`_group_index`) of every row, and k.
+
+    ``groups=None`` makes every row its own patient.
+    """
+    if groups is None:
+        return np.arange(n), n
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    inv = inv.reshape(-1)
+    if len(inv) != n:
+        raise ValueError(f"groups has {len(inv)} entries for {n} predictions")
+    return inv, int(inv.max()) + 1
+
+
+def _patient_counts(k: int, n_boot: int, seed: int, chunk: int):
+    """Yield ``[b, k]`` arrays: how often each patient is drawn in each replicate.
+
+    Each replicate is drawn by the same call the resampling loop makes
+    (``rng.integers(0, k, size=k)`` on a generator seeded with ``seed``), so
+    replicate r here is replicate r of :func:`bootstrap_ci` with the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        counts = np.empty((b, k), dtype=float)
+        for i in range(b):
+            counts[i] = np.bincount(rng.integers(0, k, size=k), minlength=k)
+        yield counts
+        done += b
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with NaN where ``den`` is not positive."""
+    out = np.full(np.shape(num), np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _group_sums(values: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """Per-patient column sums of ``values`` [N, m] -> [k, m]."""
+    out = np.zeros((k,) + values.shape[1:])
+    np.add.at(out, codes, values)
+    return out
+
+
+class _WeightedBinaryAUC:
+    """Weighted ROC AUC of fixed labels and scores, for many weightings at once.
+
+    The AUC is the Mann-Whitney statistic: over all (positive, negative) pairs, the
+    share where the positive scores higher, a tie counting one half.  With weights,
+    each pair counts ``w_pos * w_neg``, so
+
+        AUC = sum_pos w_pos * (Wneg(score < s_pos) + 0.5 * Wneg(score == s_pos)) / (Wpos * Wneg)
+
+    The negatives are sorted by score once, and for every positive we look up once
+    how many negatives score strictly lower (``lo``) and lower-or-equal (``hi``).
+    Per weighting, a running sum ``C`` of the sorted negatives' weights then gives
+    ``Wneg(<) = C[lo]`` and ``Wneg(<=) = C[hi]``, so the bracket above is
+    ``(C[lo] + C[hi]) / 2``.  With integer weights this equals the rank formula of
+    :func:`binary_auc` on the repeated images (mid-ranks give ties the 0.5 credit).
+
+    Weights are given per patient (``counts`` [B, k]); ``codes`` says which column
+    belongs to each image.  Integer weights with small totals are summed in float32,
+    which is exact there and about twice as fast; other weights use float64.
+    """
+
+    def __init__(self, positive: np.ndarray, score: np.ndarray, codes: np.ndarray, k: int):
+        positive = np.asarray(positive, dtype=bool)
+        score = np.asarray(score, dtype=float)
+        neg = np.flatnonzero(~positive)
+        neg = neg[np.argsort(score[neg], kind="stable")]
+        pos = np.flatnonzero(positive)
+        self.lo = np.searchsorted(score[neg], score[pos], side="left")
+        self.hi = np.searchsorted(score[neg], score[pos], side="right")
+        self.neg_codes = codes[neg]
+        self.pos_codes = codes[pos]
+        self.group_size = np.bincount(codes, minlength=k).astype(float)  # images per patient
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        # float32 holds integers exactly up to 2**24; the running sums stay below
+        # 2 * (total weight), so integer weights with a total <= 2**22 are safe.
+        exact32 = np.all(counts == np.round(counts)) and (counts @ self.group_size).max(initial=0) <= 2 ** 22
+        dtype = np.float32 if exact32 else np.float64
+        c = counts.astype(dtype)
+        wneg = c[:, self.neg_codes]
+        below = np.zeros((len(c), wneg.shape[1] + 1), dtype=dtype)
+        np.cumsum(wneg, axis=1, out=below[:, 1:])  # below[:, j] = weight of the j lowest negatives
+        wpos = c[:, self.pos_codes]
+        twice_credit = below[:, self.lo]
+        twice_credit += below[:, self.hi]
+        pairs = 0.5 * np.einsum("ij,ij->i", wpos, twice_credit, dtype=np.float64)
+        return _ratio(pairs, wpos.sum(axis=1, dtype=np.float64) * below[:, -1].astype(np.float64))
+
+
+class _WeightedMulticlassAUC:
+    """Weighted macro one-vs-rest AUC, as :func:`metric_value` computes it.
+
+    :func:`metric_value` averages over the classes *present in the sample* and first
+    renormalises the probabilities of those classes to sum to one, so the scores
+    (and their order) depend on which classes a replicate contains.  Replicates are
+    therefore grouped by their set of present classes (nearly always one set: all
+    classes) and each set gets its own renormalised, sorted scores (cached).
+    """
+
+    def __init__(self, y_true: np.ndarray, y_score: np.ndarray, codes: np.ndarray, k: int):
+        self.y_true = y_true
+        self.y_score = y_score
+        self.codes = codes
+        self.k = k
+        self.classes = np.unique(y_true)
+        self.class_weight = _group_sums((y_true[:, None] == self.classes[None, :]).astype(float), codes, k)
+        self._cache: dict[bytes, list[_WeightedBinaryAUC]] = {}
+
+    def _aucs(self, present_mask: np.ndarray) -> list[_WeightedBinaryAUC]:
+        key = present_mask.tobytes()
+        if key not in self._cache:
+            present = self.classes[present_mask].astype(int)
+            p = self.y_score[:, present]
+            p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+            if len(present) == 2:
+                aucs = [_WeightedBinaryAUC(self.y_true == present[1], p[:, 1], self.codes, self.k)]
+            else:
+                aucs = [_WeightedBinaryAUC(self.y_true == c, p[:, j], self.codes, self.k) for j, c in enumerate(present)]
+            self._cache[key] = aucs
+        return self._cache[key]
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        present = (counts @ self.class_weight) > 0
+        out = np.full(len(counts), np.nan)
+        patterns, which = np.unique(present, axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        for i, pattern in enumerate(patterns):
+            if pattern.sum() < 2:
+                continue  # one class only: AUC undefined
+            if len(patterns) == 1:
+                rows, c = slice(None), counts
+            else:
+                rows = np.flatnonzero(which == i)
+                c = counts[rows]
+            out[rows] = np.mean([auc(c) for auc in self._aucs(pattern)], axis=0)
+        return out
+
+
+def _weighted_metric_fn(name: str, task: str, y_true, y_score, codes: np.ndarray | None = None,
+                        k: int | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``f(counts) -> values``: metric ``name`` of the images weighted by each row of ``counts``.
+
+    ``counts`` is [B, k]: one weight per patient and weighting; image i gets the
+    weight of column ``codes[i]`` (default: every image its own column).
+    Everything that does not depend on the weights (predicted labels, per-patient
+    sums, sort orders) is computed once here.  Returns ``None`` for a combination
+    the weighted path does not cover, or for inputs with NaN/inf (then the caller
+    resamples replicate by replicate, which reproduces :func:`metric_value` on such
+    data exactly).
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score)
+    n = len(y_true)
+    if codes is None:
+        codes, k = np.arange(n), n
+    if n == 0 or len(y_score) != n or task not in TASKS:
+        return None
+    if y_score.ndim != (2 if task == "multiclass" else 1) or y_true.ndim != 1:
+        return None
+    if not (np.issubdtype(y_true.dtype, np.number) or y_true.dtype == bool):
+        return None
+    if not np.issubdtype(y_score.dtype, np.number) or not np.all(np.isfinite(y_score)):
+        return None
+    if not np.all(np.isfinite(y_true.astype(float))):
+        return None
+
+    if name == "auc" and task == "binary":
+        return _WeightedBinaryAUC(y_true.astype(bool), y_score, codes, k)
+    if name == "auc" and task == "multiclass":
+        return _WeightedMulticlassAUC(y_true, y_score.astype(float), codes, k)
+
+    if name in ("accuracy", "balanced_accuracy") and task in ("binary", "multiclass"):
+        # Accuracy: weighted share of correct images.  Balanced accuracy: per class
+        # present (positive weight), the weighted share of its images predicted as
+        # that class; then the plain mean over the present classes.  All sums are
+        # linear in the weights, so they are per-patient sums times the counts.
+        correct = (predicted_labels(task, y_score) == y_true).astype(float)
+        if name == "accuracy":
+            m = _group_sums(np.stack([correct, np.ones(n)], axis=1), codes, k)
+            return lambda counts: _ratio(*(counts @ m).T)
+        onehot = (y_true[:, None] == np.unique(y_true)[None, :]).astype(float)
+        c = onehot.shape[1]
+        m = _group_sums(np.hstack([onehot, onehot * correct[:, None]]), codes, k)
+
+        def balanced_accuracy(counts):
+            s = counts @ m
+            total, hits = s[:, :c], s[:, c:]
+            present = total > 0
+            rate = np.zeros_like(hits)
+            np.divide(hits, total, out=rate, where=present)
+            return _ratio(rate.sum(axis=1), present.sum(axis=1).astype(float))
+        return balanced_accuracy
+
+    if name in ("mae", "r2") and task == "regression":
+        yt = y_true.astype(float)
+        pred = y_score.astype(float)
+        if name == "mae":
+            m = _group_sums(np.stack([np.abs(yt - pred), np.ones(n)], axis=1), codes, k)
+            return lambda counts: _ratio(*(counts @ m).T)
+        # R² = 1 - SS_res / SS_tot from weighted sums; SS_tot from the weighted
+        # moments of y centred on its overall mean (keeps the subtraction well
+        # conditioned).  metric_value gives NaN for fewer than 2 images or a constant
+        # y; a constant y is detected exactly from per-patient minima and maxima
+        # (the moment formula would leave rounding noise instead of 0).
+        yc = yt - yt.mean()
+        m = _group_sums(np.stack([np.ones(n), yc, yc ** 2, (yt - pred) ** 2], axis=1), codes, k)
+        y_min = np.full(k, np.inf)
+        np.minimum.at(y_min, codes, yt)
+        y_max = np.full(k, -np.inf)
+        np.maximum.at(y_max, codes, yt)
+
+        def r2(counts):
+            total, s1, s2, ss_res = (counts @ m).T
+            ss_tot = s2 - s1 * _ratio(s1, total)
+            drawn = counts > 0
+            lo = np.where(drawn, y_min, np.inf).min(axis=1)
+            hi = np.where(drawn, y_max, -np.inf).max(axis=1)
+            ok = (total >= 2) & (hi > lo)
+            out = np.full(len(counts), np.nan)
+            out[ok] = 1 - ss_res[ok] / ss_tot[ok]
+            return out
+        return r2
+    return None
+
+
+def weighted_metric_values(name: str, task: str, y_true, y_score, weights):
+    """Metric ``name`` with every image weighted, for one or many weight vectors.
+
+    ``weights``: shape [N] or [B, N] (one row per weighting); returns a float or
+    an array [B].  With non-negative integer weights the result is
+    ``metric_value`` on the images repeated ``weight`` times (zero = left out);
+    NaN where that is undefined.  This is how the patient bootstrap evaluates its
+    replicates without building them.
+    """
+    fn = _weighted_metric_fn(name, task, y_true, y_score)
+    if fn is None:
+        if name not in HIGHER_IS_BETTER:
+            raise ValueError(f"unknown metric {name!r}")
+        raise ValueError(f"no weighted form of {name!r} for task {task!r} with these inputs")
+    w = np.asarray(weights, dtype=float)
+    if w.ndim == 1:
+        return float(fn(w[None, :])[0])
+    return fn(w)
+
+
+def _weighted_replicates(make_fns: Callable[[np.ndarray, int], list], n: int, groups, n_boot: int,
+                         seed: int) -> list[np.ndarray] | None:
+    """Values of every weighted metric on the same ``n_boot`` patient-bootstrap replicates.
+
+    ``make_fns(codes, k)`` builds the weighted metrics (see :func:`_weighted_metric_fn`)
+    for the patient numbering; returns ``None`` if one of them has no weighted form.
+    All replicates are kept (NaN where undefined).
+    """
+    codes, k = _group_codes(groups, n)
+    fns = make_fns(codes, k)
+    if any(fn is None for fn in fns):
+        return None
+    chunk = max(1, _CHUNK_WEIGHTS // max(n, 1))
+    out: list[list[np.ndarray]] = [[] for _ in fns]
+    for counts in _patient_counts(k, int(n_boot), seed, chunk):
+        for values, fn in zip(out, fns):
+            values.append(fn(counts))
+    return [np.concatenate(v) if v else np.empty(0) for v in out]
+
+
+def _percentile_ci(reps: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    if len(reps) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_ci(
     metric: Callable[[np.ndarray], float],
     n: int,
@@ -134,28 +435,40 @@ def bootstrap_ci(
 
     ``metric`` takes an index array into the ``n`` predictions.  Returns
     ``(low, high, replicates)``; replicates where the metric is undefined
-    (NaN, e.g. one class only) are dropped.
+    (NaN, e.g. one class only) are dropped.  This is the general (slow) form,
+    one call of ``metric`` per replicate; :func:`metric_with_ci` gets the same
+    replicates for the built-in metrics without the loop.
     """
     members, k = _group_index(groups if groups is not None else np.arange(n))
     rng = np.random.default_rng(seed)
     reps = np.array([metric(_resample(members, rng)) for _ in range(int(n_boot))], dtype=float)
     reps = reps[np.isfinite(reps)]
-    if len(reps) == 0:
-        return float("nan"), float("nan"), reps
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi), reps
+    lo, hi = _percentile_ci(reps, alpha)
+    return lo, hi, reps
 
 
 def metric_with_ci(name: str, task: str, y_true, y_score, groups, n_boot: int = 1000,
                    seed: int = 0) -> tuple[float, float, float]:
-    """``(value, ci_low, ci_high)`` of one metric with a patient bootstrap."""
+    """``(value, ci_low, ci_high)`` of one metric with a patient bootstrap.
+
+    The value is :func:`metric_value` on all images; the CI is the 2.5-97.5
+    percentile range of the metric over ``n_boot`` replicates that each draw the
+    patients with replacement (all images of a drawn patient, as often as it is
+    drawn), undefined replicates dropped.  The replicates are evaluated as
+    weighted metrics (see :func:`weighted_metric_values`), many at a time.
+    """
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score)
     value = metric_value(name, task, y_true, y_score)
     if not np.isfinite(value) or n_boot <= 0:
         return value, float("nan"), float("nan")
-    lo, hi, _ = bootstrap_ci(lambda r: metric_value(name, task, y_true[r], y_score[r]), len(y_true), groups,
-                             n_boot=n_boot, seed=seed)
+    reps = _weighted_replicates(lambda codes, k: [_weighted_metric_fn(name, task, y_true, y_score, codes, k)],
+                                len(y_true), groups, n_boot, seed)
+    if reps is None:  # no weighted form: resample replicate by replicate
+        lo, hi, _ = bootstrap_ci(lambda r: metric_value(name, task, y_true[r], y_score[r]), len(y_true), groups,
+                                 n_boot=n_boot, seed=seed)
+        return value, lo, hi
+    lo, hi = _percentile_ci(reps[0][np.isfinite(reps[0])])
     return value, lo, hi
 
 
@@ -172,28 +485,40 @@ def paired_bootstrap(
     """Compare two inits predicting the same images: ``delta = metric(a) - metric(b)``.
 
     Patients are resampled once per replicate and both inits are scored on the
-    same resample (paired).  The two-sided p-value is the bootstrap estimate of
-    ``2 * min(P(delta* <= 0), P(delta* >= 0))`` with the +1 correction, i.e.
-    never exactly 0.  ``better`` says whether a positive delta means ``a`` is better.
+    same resample (paired): both are evaluated with the same replicate weights.
+    Replicates where the difference is undefined are dropped.  The CI is the
+    2.5-97.5 percentile range of the replicate differences; the two-sided p-value
+    is the bootstrap estimate of ``2 * min(P(delta* <= 0), P(delta* >= 0))`` with
+    the +1 correction, i.e. never exactly 0.  ``better`` says whether a positive
+    delta means ``a`` is better.
     """
     y_true = np.asarray(y_true)
     score_a = np.asarray(score_a)
     score_b = np.asarray(score_b)
     a = metric_value(name, task, y_true, score_a)
     b = metric_value(name, task, y_true, score_b)
-    members, _ = _group_index(groups)
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(int(n_boot)):
-        r = _resample(members, rng)
-        d = metric_value(name, task, y_true[r], score_a[r]) - metric_value(name, task, y_true[r], score_b[r])
-        if np.isfinite(d):
-            deltas.append(d)
-    deltas = np.asarray(deltas)
+    reps = None
+    if len(y_true):
+        reps = _weighted_replicates(
+            lambda codes, k: [_weighted_metric_fn(name, task, y_true, s, codes, k) for s in (score_a, score_b)],
+            len(y_true), groups, n_boot, seed)
+    if reps is not None:
+        deltas = reps[0] - reps[1]
+        deltas = deltas[np.isfinite(deltas)]
+    else:  # no weighted form: resample replicate by replicate
+        members, _ = _group_index(groups if groups is not None else np.arange(len(y_true)))
+        rng = np.random.default_rng(seed)
+        deltas = []
+        for _ in range(int(n_boot)):
+            r = _resample(members, rng)
+            d = metric_value(name, task, y_true[r], score_a[r]) - metric_value(name, task, y_true[r], score_b[r])
+            if np.isfinite(d):
+                deltas.append(d)
+        deltas = np.asarray(deltas, dtype=float)
+    lo, hi = _percentile_ci(deltas)
     if len(deltas) == 0:
-        lo = hi = p = float("nan")
+        p = float("nan")
     else:
-        lo, hi = (float(q) for q in np.quantile(deltas, [0.025, 0.975]))
         m = len(deltas)
         p = min(1.0, 2 * min((np.sum(deltas <= 0) + 1) / (m + 1), (np.sum(deltas >= 0) + 1) / (m + 1)))
     return {"metric": name, "a": a, "b": b, "delta": a - b, "ci_low": lo, "ci_high": hi, "p": float(p),
