@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from radpretrain.methods.base import make_optimizer
+
 
 def _batch(ds, n):
     return torch.utils.data.default_collate([ds[i % len(ds)] for i in range(n)])
@@ -45,7 +47,7 @@ def time_steps(step, n_warm: int, n: int) -> float:
 
 
 def method_step(m, batch, device):
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_optimizer([p for p in m.parameters() if p.requires_grad], {"lr": 1e-4})  # the engine's optimizer
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     m.to(device).train()
     it = [0]
@@ -68,7 +70,7 @@ def full_vit_step(m, batch, device):
     enc = m.encoder
     head = torch.nn.Linear(enc.embed_dim, m.patch * m.patch).to(device)
     params = list(enc.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params, {"lr": 1e-4})
     x = m.normalize(batch["image"].to(device))
 
     def step():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -165,3 +166,32 @@ def test_bucket_batches_reach_mae_and_balance_weights(ds, tmp_path):
     totals = {p: w[parts == p].sum() for p in set(parts)}
     assert np.allclose(list(totals.values()), 1.0)
     assert balance_weights(store.images, rows, "none") is None
+
+
+def test_input_stats_follow_the_start_weights(ds, tmp_path):
+    from radpretrain.data.store import Store
+    from radpretrain.models.backbones import grey_stats
+    from radpretrain.pretrain import input_stats
+
+    store = Store(ds)
+    rows = np.arange(len(store.images))
+    # continuing from ImageNet weights keeps their own input statistics (lite0: 0.5 / 0.5) ...
+    cfg = resolve_config("simclr", data=str(ds))
+    m, s, src = input_stats(cfg, store, rows, 0)
+    assert (m, s) == pytest.approx(grey_stats("tf_efficientnet_lite0")) and src.startswith("weights")
+    assert (m, s) == pytest.approx((0.5, 0.5))
+    # ... random init and data.stats=dataset measure the images instead
+    measured = input_stats(resolve_config("simclr", overrides=["data.stats=dataset"], data=str(ds)), store, rows, 0)
+    scratch = input_stats(resolve_config("simclr", overrides=["model.pretrained=none"], data=str(ds)), store, rows, 0)
+    assert measured[2] == scratch[2] == "dataset" and measured[:2] == pytest.approx(scratch[:2])
+    assert abs(measured[0] - 0.5) > 0.01 or abs(measured[1] - 0.5) > 0.01
+    # a radpretrain encoder file as start: the statistics in the .json beside it
+    (tmp_path / "enc.safetensors").write_bytes(b"")
+    (tmp_path / "enc.json").write_text('{"preprocessing": {"mean": 0.31, "std": 0.27}}')
+    cfg = resolve_config("simclr", overrides=[f"model.pretrained={tmp_path / 'enc.safetensors'}"], data=str(ds))
+    assert input_stats(cfg, store, rows, 0)[:2] == (0.31, 0.27)
+    with pytest.raises(UserError, match="data.stats=weights"):
+        input_stats(resolve_config("simclr", overrides=["model.pretrained=none", "data.stats=weights"], data=str(ds)),
+                    store, rows, 0)
+    with pytest.raises(UserError, match="data.stats"):
+        pretrain("simclr", ds, tmp_path / "bad", overrides=["data.stats=median"])

@@ -70,3 +70,33 @@ def test_imagenet_lite0_from_wheel_and_previews(batch, tmp_path):
     paths = m.save_previews(batch, tmp_path)
     assert paths and paths[0].is_file()
     assert m.encoder_meta()["simclr"]["temperature"] == 0.2
+
+
+def test_local_views_keep_full_detail():
+    # a 2-px checkerboard at 128 px: local views (view_size 64, a quarter of the area) sample it at
+    # about one input pixel per output pixel and keep the pattern; the same crops taken from the
+    # image first shrunk to 64 px (what an encoder trained at 64 px sees) have lost it.
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    board = (((yy // 2) + (xx // 2)) % 2).float().view(1, 1, 128, 128).repeat(4, 1, 1, 1)
+    quiet = dict(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), rotation=0.0, hflip=0.0, brightness=0.0,
+                 contrast=0.0, gamma=(1.0, 1.0), blur_p=0.0, noise_p=0.0)
+    local = GreyAugment(view_size=64, **quiet)(board, torch.Generator().manual_seed(0))
+    small = torch.nn.functional.interpolate(board, size=(64, 64), mode="bilinear", antialias=True)
+    upsampled = GreyAugment(**quiet)(small, torch.Generator().manual_seed(0))
+    assert local.shape == (4, 1, 64, 64) and upsampled.shape == (4, 1, 64, 64)
+
+    def detail(v):
+        return (v[..., 1:] - v[..., :-1]).abs().mean().item()
+
+    assert detail(local) > 0.25 and detail(upsampled) < 0.1
+    assert local.min() >= 0 and local.max() <= 1
+
+
+def test_local_views_model_trains_at_view_size(batch, tmp_path):
+    cfg = {**CFG, "data": {"image_size": 32, "mean": 0.3, "std": 0.2}, "augment": {"view_size": 16}}
+    m = SimCLR(cfg)
+    v1, v2 = m.views(batch["image"], torch.Generator().manual_seed(0))
+    assert v1.shape[-2:] == (16, 16) and v2.shape[-2:] == (16, 16)
+    assert torch.isfinite(m.compute_loss(batch, 0))
+    (p,) = m.save_previews(batch, tmp_path)
+    assert p.is_file()

@@ -140,14 +140,7 @@ class PretrainMethod(L.LightningModule):
         from radpretrain.config import get
 
         opt_cfg = self.cfg.get("optim", {})
-        name = str(opt_cfg.get("name", "adamw")).lower()
-        lr = float(opt_cfg.get("lr", 1e-3))
-        wd = float(opt_cfg.get("weight_decay", 0.05))
-        params = [p for p in self.parameters() if p.requires_grad]
-        if name == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=float(opt_cfg.get("momentum", 0.9)), weight_decay=wd)
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))))
+        opt = make_optimizer([p for p in self.parameters() if p.requires_grad], opt_cfg)
         # The engine sets ``total_steps_hint`` (no early data loading, which would break exact
         # mid-epoch resume); otherwise ask Lightning.
         hint = getattr(self, "total_steps_hint", None)
@@ -159,6 +152,27 @@ class PretrainMethod(L.LightningModule):
         min_ratio = float(get(self.cfg, "optim.min_lr_ratio", 0.01))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total, min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def make_optimizer(params: list, opt_cfg: dict) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD from the ``optim`` config section.
+
+    AdamW uses PyTorch's fused kernel when every parameter is a floating-point CPU or CUDA
+    tensor: one kernel for all parameters instead of a dozen small operations per tensor,
+    which on a CPU is a tenth of a small model's step.
+    """
+    name = str(opt_cfg.get("name", "adamw")).lower()
+    lr = float(opt_cfg.get("lr", 1e-3))
+    wd = float(opt_cfg.get("weight_decay", 0.05))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(opt_cfg.get("momentum", 0.9)), weight_decay=wd)
+    if name != "adamw":
+        from radpretrain.errors import UserError
+
+        raise UserError(f"optim.name={name!r}: use adamw or sgd")
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+                             fused=fused or None)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.01) -> float:

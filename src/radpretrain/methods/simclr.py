@@ -36,8 +36,13 @@ class GreyAugment(nn.Module):
 
     def __init__(self, crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation=10.0, hflip=0.5,
                  brightness=0.2, contrast=0.2, gamma=(0.8, 1.25), blur_p=0.5, blur_sigma=(0.1, 1.5),
-                 noise_p=0.5, noise_std=(0.0, 0.03)):
+                 noise_p=0.5, noise_std=(0.0, 0.03), view_size=None):
         super().__init__()
+        # view_size: side of the output views; None keeps the input's size.  Smaller than the
+        # input (e.g. 64 from 128-px images) makes crops *local views at full detail*: the
+        # encoder trains on the cheap small input but sees structures at the scale of the
+        # larger images it will later be used on.
+        self.view_size = None if view_size in (None, 0, "none") else int(view_size)
         self.crop_scale, self.crop_ratio, self.rotation, self.hflip = tuple(crop_scale), tuple(crop_ratio), float(rotation), float(hflip)
         self.brightness, self.contrast, self.gamma = float(brightness), float(contrast), tuple(gamma)
         self.blur_p, self.blur_sigma, self.noise_p, self.noise_std = float(blur_p), tuple(blur_sigma), float(noise_p), tuple(noise_std)
@@ -52,6 +57,8 @@ class GreyAugment(nn.Module):
         b, _, h, w = x.shape
         dev = x.device
         x = x.float()
+        if self.view_size:
+            h = w = self.view_size
         # random resized crop + rotation + flip as one affine warp (bilinear, zeros outside)
         area = _u(b, *self.crop_scale, g, dev)
         logr = _u(b, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), g, dev)
@@ -140,6 +147,8 @@ class SimCLR(PretrainMethod):
         g.manual_seed(0)
         with torch.no_grad():
             v1, v2 = self.views(img, g)
+            if v1.shape[-2:] != img.shape[-2:]:  # local views: show them at the input's size
+                v1, v2 = (F.interpolate(v, size=img.shape[-2:], mode="nearest") for v in (v1, v2))
         step = self.global_step if self._trainer is not None else 0
         return [save_image_grid([img, v1, v2], Path(out_dir) / f"simclr_views_step{step:07d}.png")]
 
