@@ -100,3 +100,17 @@ def test_local_views_model_trains_at_view_size(batch, tmp_path):
     assert torch.isfinite(m.compute_loss(batch, 0))
     (p,) = m.save_previews(batch, tmp_path)
     assert p.is_file()
+
+
+def test_shared_crop_shows_the_same_region_in_both_views(batch):
+    quiet = {"rotation": 0.0, "hflip": 0.0, "brightness": 0.0, "contrast": 0.0, "gamma": [1.0, 1.0],
+             "blur_p": 0.0, "noise_p": 0.0, "crop_scale": [0.05, 0.2], "view_size": 16}
+    shared = SimCLR({**CFG, "augment": {**quiet, "shared_crop": True}})
+    apart = SimCLR({**CFG, "augment": quiet})
+    a1, a2 = shared.views(batch["image"], torch.Generator().manual_seed(0))
+    b1, b2 = apart.views(batch["image"], torch.Generator().manual_seed(0))
+    assert a1.shape[-2:] == (16, 16) and torch.allclose(a1, a2, atol=1e-6)  # only the crop varies: same pixels
+    assert (b1 - b2).abs().mean() > 0.01                                   # independent crops differ
+    noisy = SimCLR({**CFG, "augment": {**quiet, "shared_crop": True, "noise_p": 1.0, "noise_std": [0.05, 0.05]}})
+    n1, n2 = noisy.views(batch["image"], torch.Generator().manual_seed(0))
+    assert (n1 - n2).abs().mean() > 0.01                                   # per-view augmentations still differ

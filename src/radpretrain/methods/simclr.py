@@ -128,9 +128,23 @@ class SimCLR(PretrainMethod):
                                          output_dim=int(get(cfg, "simclr.output_dim", 128)))
         self.temperature = float(get(cfg, "simclr.temperature", 0.1))
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
-        self.augment = GreyAugment.from_config(get(cfg, "augment", {}))
+        aug = dict(get(cfg, "augment", {}) or {})
+        self.shared_crop = bool(aug.pop("shared_crop", False))
+        if self.shared_crop:
+            # one crop per image, then two independent flips/rotations/intensity changes: the two
+            # views always show the same region, so a small finding is in both views or in neither
+            # and is never something the encoder is trained to ignore.
+            geometry = {k: aug.pop(k) for k in ("crop_scale", "crop_ratio", "view_size") if k in aug}
+            self.crop = GreyAugment(**geometry, rotation=0.0, hflip=0.0, brightness=0.0, contrast=0.0,
+                                    gamma=(1.0, 1.0), blur_p=0.0, noise_p=0.0)
+            self.augment = GreyAugment.from_config({**aug, "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)})
+        else:
+            self.crop = None
+            self.augment = GreyAugment.from_config(aug)
 
     def views(self, img: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.crop is not None:
+            img = self.crop(img, g)
         return self.augment(img, g), self.augment(img, g)
 
     def compute_loss(self, batch, batch_idx):
