@@ -1,19 +1,21 @@
 """Ingest throughput beside the pure decode bound.
 
 Datasets:
-  (a) synthetic large radiographs (2048 x 2560, 12-bit DICOM), uncompressed and JPEG 2000 lossless,
-      written to a temporary folder by this script;
+  (a) synthetic large radiographs (2560 x 2048, 12-bit DICOM), uncompressed (default 150 files, so each
+      run lasts seconds) and JPEG 2000 lossless (default 12: its decoder takes ~1.5 s of CPU per file),
+      written to a temporary folder by this script; every file has distinct pixels (no duplicates);
   (b) /work/shared/data/knee-kl (real 224 x 224 JPEGs; fails with a clear message when missing).
 
-For each dataset the decode bound is the decoder alone (pydicom + pylibjpeg / PIL, full decode,
-nothing else) over the same files with the same number of processes; ingest is the full
-`radpretrain ingest` (sniff, decode, intensity, hash, QC, resize, shard + manifest writes,
-finalisation).  Target: ingest >= 0.8 x decode bound.  Both wall-clock rates and rates per CPU
-second (this process and its workers; robust when other jobs share the machine) are reported.  Timings depend on the machine's load:
-run it on a quiet machine (each figure is the best of --repeat alternated runs).  Prints one JSON
-line last.
+For each dataset the decode bound is the decoder alone (pydicom ``dcmread(path).pixel_array`` /
+PIL ``np.asarray(Image.open(path))``, full decode, nothing else) over the same files with the same
+number of processes; ingest is the full `radpretrain ingest` (scan, sniff, decode, intensity, hash,
+QC, resize, shard + manifest writes, finalisation).  Target: ingest >= 0.8 x decode bound.  Both
+wall-clock rates and rates per CPU second (this process and its workers; robust when other jobs
+share the machine) are reported.  Timings depend on the machine's load: run it on a quiet machine
+(each figure is the best of --repeat alternated runs).  Prints one JSON line last.
 
-    python benchmarks/ingest.py [--quick] [--workers N] [--limit N] [--repeat N] [--knee PATH] [--skip-knee]
+    python benchmarks/ingest.py [--quick] [--workers N] [--n-large N] [--n-j2k N] [--limit N] [--repeat N]
+                                [--knee PATH] [--skip-knee] [--only uncompressed,j2k,knee]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,26 +36,34 @@ KNEE = Path(os.environ.get("RADPRETRAIN_SHARED_DATA", "/work/shared/data")) / "k
 
 
 def _smooth_radiograph(rng, h, w):
-    """A 12-bit radiograph-like image: smooth anatomy-ish blobs plus quantum noise."""
+    """A 12-bit radiograph-like image without noise: smooth anatomy-ish blobs (float32)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.full((h, w), 600, np.float32)
     for _ in range(6):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         ry, rx = rng.uniform(h / 10, h / 3), rng.uniform(w / 10, w / 3)
         img += rng.uniform(400, 1200) * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)
-    img += rng.normal(0, 40, size=(h, w)).astype(np.float32)
-    return np.clip(img, 0, 4095).astype(np.uint16)
+    return img
 
 
-def make_dicoms(folder: Path, n: int, compressed: bool, h=2560, w=2048, seed=0) -> list[Path]:
+def make_dicoms(folder: Path, n: int, compressed: bool, h=2560, w=2048, seed=0, n_bases=4) -> list[Path]:
+    """``n`` radiograph-like DICOM files with distinct pixels.
+
+    A few noise-free base images and one field of quantum noise (sigma 40) are drawn once; file ``i``
+    is base ``i % n_bases`` plus the noise field shifted by a different offset, clipped to 12 bits
+    (cheap to make, realistic statistics, no two files alike).
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    bases = [_smooth_radiograph(rng, h, w) for _ in range(min(n, n_bases))]
+    noise = rng.normal(0, 40, size=(h, w)).astype(np.float32)
     paths = []
     for i in range(n):
-        arr = _smooth_radiograph(rng, h, w)
+        shift = (int(rng.integers(0, h)), int(rng.integers(0, w)))
+        arr = np.clip(bases[i % len(bases)] + np.roll(noise, shift, axis=(0, 1)), 0, 4095).astype(np.uint16)
         ds = Dataset()
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX
         ds.SOPInstanceUID = generate_uid()
@@ -106,8 +117,6 @@ def decode_bound(paths: list[Path], workers: int) -> tuple[float, float]:
 
 def ingest_rate(src: Path, out: Path, workers: int, n_expected: int, **kw) -> tuple[float, dict]:
     """Images/s of a complete ingest (scan, workers, finalisation) into a new store."""
-    import shutil
-
     from radpretrain.data.ingest import ingest
 
     shutil.rmtree(out, ignore_errors=True)
@@ -144,28 +153,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few images (a smoke run, noisy figures)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--n-large", type=int, default=None, help="synthetic radiographs per variant (default 12, quick 4)")
+    ap.add_argument("--n-large", type=int, default=None, help="uncompressed synthetic radiographs (default 150, quick 8)")
+    ap.add_argument("--n-j2k", type=int, default=None, help="JPEG 2000 synthetic radiographs (default 12, quick 4)")
     ap.add_argument("--limit", type=int, default=None, help="use at most this many knee-kl images")
     ap.add_argument("--knee", type=Path, default=KNEE)
     ap.add_argument("--skip-knee", action="store_true")
+    ap.add_argument("--only", default="uncompressed,j2k,knee", help="cases to run (comma-separated)")
     ap.add_argument("--repeat", type=int, default=None, help="alternate decode/ingest runs, keep the best (default 2, quick 1; JPEG 2000: 1)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RADPRETRAIN_DEID_KEY", "benchmark-key-not-secret")
-    n_large = args.n_large or (4 if args.quick else 12)
+    n_large = args.n_large or (8 if args.quick else 150)
+    n_j2k = args.n_j2k or (4 if args.quick else 12)
     args.repeat = args.repeat or (1 if args.quick else 2)
+    only = {c.strip() for c in args.only.split(",") if c.strip()}
+    if args.skip_knee:
+        only.discard("knee")
     results = {"workers": args.workers, "cpu_count": os.cpu_count(), "quick": args.quick,
                "load_avg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="rp_bench_") as tmp:
         tmp = Path(tmp)
-        for name, compressed in (("dicom_uncompressed", False), ("dicom_j2k", True)):
+        for name, case, compressed, n in (("dicom_uncompressed", "uncompressed", False, n_large),
+                                          ("dicom_j2k", "j2k", True, n_j2k)):
+            if case not in only:
+                continue
             src = tmp / name
-            paths = make_dicoms(src, n_large, compressed)
+            paths = make_dicoms(src, n, compressed)
             dec, ing, _ = best_of(1 if compressed else args.repeat, lambda: decode_bound(paths, args.workers),
-                                  lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n_large,
-                                                      chunk_size=max(1, n_large // (2 * args.workers))))
-            results[name] = _entry(dec, ing, images=n_large, size=[2560, 2048], bits=12)
+                                  lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n,
+                                                      chunk_size=max(1, n // (2 * args.workers))))
+            results[name] = _entry(dec, ing, images=n, size=[2560, 2048], bits=12)
             _say(name, results[name])
-        if not args.skip_knee:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(tmp / f"{name}_ds", ignore_errors=True)
+        if "knee" in only:
             if not args.knee.is_dir():
                 print(f"benchmarks/ingest.py: {args.knee}: folder missing (the real-radiograph set lives in "
                       "../shared/data, outside the repo); use --knee PATH or --skip-knee", file=sys.stderr)

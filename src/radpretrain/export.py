@@ -87,7 +87,10 @@ def intensity_rules() -> dict:
                          "image maximum; float images percentile window; colour to BT.601 luma",
         "numpy array (load_encoder only)": f"uint8 /255; float already in [0, 1] as is; anything else percentile "
                                            f"window ({lo} % .. {hi} %)",
-        "store": "longest side shrunk to store_max_size (area averaging), then quantised to uint8 (x255, rounded)",
+        "store": "longest side shrunk to store_max_size by area averaging (images at least twice that size: "
+                 "means of f x f blocks with f = longest // store_max_size, taken on the raw values before a "
+                 "window, then an antialiased resize to the exact size), then quantised to uint8 (x255, rounded); "
+                 "radpretrain.data.readers.load_stored",
     }
 
 
@@ -652,10 +655,18 @@ class Preprocess:
         raise UserError(f"preprocess: cannot read a {type(x).__name__}; pass a file path, a pydicom Dataset or a 2-D array")
 
     def to_stored(self, x) -> np.ndarray:
-        """``uint8`` 2-D image as the training store holds it."""
+        """``uint8`` 2-D image as the training store holds it.
+
+        Files and DICOM datasets: exactly what ``radpretrain ingest --max-size
+        store_max_size`` stores (:func:`radpretrain.data.readers.load_stored`).
+        """
         from radpretrain.data.intensity import resize_max
         from radpretrain.data.store import to_stored
 
+        if isinstance(x, (str, os.PathLike)):
+            return _read_file(Path(x), stored_max_size=self.store_max_size)
+        if _is_pydicom_dataset(x):
+            return _load_with_readers(x, "pydicom dataset", stored_max_size=self.store_max_size)
         img01 = self.to_img01(x)
         if self.store_max_size:
             img01 = resize_max(img01, self.store_max_size)
@@ -704,20 +715,27 @@ def array_to01(x: np.ndarray) -> np.ndarray:
     return percentile_window(a)
 
 
-def _read_file(path: Path) -> np.ndarray:
+_FULL = object()  # to_img01: the [0, 1] image at full size, not the stored one
+
+
+def _read_file(path: Path, stored_max_size=_FULL) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
-    return _load_with_readers(path, str(path))
+    return _load_with_readers(path, str(path), stored_max_size)
 
 
-def _load_with_readers(x, what: str) -> np.ndarray:
-    from radpretrain.data.readers import ReadError, load_image
+def _load_with_readers(x, what: str, stored_max_size=_FULL) -> np.ndarray:
+    """``load_image``'s [0, 1] image, or (``stored_max_size`` given, None: no resizing) ``load_stored``'s uint8 one."""
+    from radpretrain.data.readers import ReadError, load_image, load_stored
 
-    try:
-        img, _meta = load_image(x)  # _meta may hold raw identifiers in memory: dropped here
+    try:  # _meta may hold raw identifiers in memory: dropped here
+        if stored_max_size is _FULL:
+            img, _meta = load_image(x)
+            return _as2d(np.asarray(img, dtype=np.float32))
+        img, _meta = load_stored(x, stored_max_size)
     except ReadError as e:
         raise UserError(f"{what}: cannot read this image ({e})") from None
-    return _as2d(np.asarray(img, dtype=np.float32))
+    return _as2d(np.asarray(img))
 
 
 def _resize_policy(img, size: int, resize: str) -> np.ndarray:

@@ -314,14 +314,16 @@ def test_a_crashing_decoder_only_quarantines_its_file(tmp_path, capfd, monkeypat
 
     src = tmp_path / "src"
     _png_tree(src, {f"img{k}.png": k for k in range(6)})
-    real = readers.load_image
+    real = readers.read_pil
+    img3 = np.random.default_rng(3).integers(0, 256, size=(48, 40), dtype=np.uint8)  # _png_tree's img3.png
 
-    def crashing(path, **kw):  # a decoder that kills its process on one file (like a segfault)
-        if str(path).endswith("img3.png"):
+    def crashing(src, kind=None):  # a decoder that kills its process on one file (like a segfault)
+        arr = real(src, kind)
+        if np.array_equal(arr, img3):
             os._exit(139)
-        return real(path, **kw)
+        return arr
 
-    monkeypatch.setattr(readers, "load_image", crashing)   # inherited by the forked workers
+    monkeypatch.setattr(readers, "read_pil", crashing)   # inherited by the forked workers
     out = tmp_path / "ds"
     rc, _, err = _ingest_cli([src, "--out", out, "--workers", "2", "--chunk-size", "2"], capfd)
     assert rc == 0 and "worker process died" in caplog.text and "img3" not in caplog.text + err
@@ -329,3 +331,71 @@ def test_a_crashing_decoder_only_quarantines_its_file(tmp_path, capfd, monkeypat
     assert df["status"].tolist() == ["ingested"] * 3 + ["quarantined"] + ["ingested"] * 2
     assert df["reason"].iloc[3] == "worker_crash"
     assert len(Store(out)) == 5 and Store(out).read(4).shape == (48, 40)
+
+
+def _radiograph_dicom(path, arr, transfer_syntax=None, **extra):
+    """A 12-bit DX file; ``transfer_syntax``: compress the same pixels (e.g. RLE Lossless)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "PAT-1", "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    if transfer_syntax is None:
+        ds.PixelData = arr.astype(np.uint16).tobytes()
+    else:
+        ds.compress(transfer_syntax, arr.astype(np.uint16))
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_large_images_stored_as_load_stored_and_duplicates_are_equal_stored_pixels(tmp_path):
+    """Large radiographs are shrunk raw-first (block means, then the window): the store holds exactly
+    readers.load_stored's pixels.  content_hash is the SHA-256 of those stored pixels, so the same image in
+    another encoding is a duplicate, a one-pixel change that shows in the stored image is not, and one that
+    vanishes in it (a background pixel, clipped by the window, one raw unit brighter) is."""
+    from pydicom.uid import RLELossless
+
+    from radpretrain.data import readers as R
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1300, 0:1000]
+    raw = 1200 + 900 * (((yy - 750) / 450.0) ** 2 + ((xx - 500) / 350.0) ** 2 < 1) + rng.normal(0, 30, yy.shape)
+    raw[:200] = 100  # a flat background band: the window's lower end, clipped to black
+    raw = raw.clip(0, 4095).astype(np.uint16)
+    shows, vanishes = raw.copy(), raw.copy()
+    shows[700, 500] = 4095
+    vanishes[100, 333] += 1
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"a.dcm": _radiograph_dicom(src / "a.dcm", raw), "b_rle.dcm": _radiograph_dicom(src / "b_rle.dcm", raw, RLELossless),
+             "c_pixel.dcm": _radiograph_dicom(src / "c_pixel.dcm", shows),
+             "d_invisible.dcm": _radiograph_dicom(src / "d_invisible.dcm", vanishes),
+             "e_window.dcm": _radiograph_dicom(src / "e_window.dcm", raw, WindowCenter=1600, WindowWidth=2000)}
+    stored = {name: R.load_stored(p, 256)[0] for name, p in files.items()}
+    assert np.array_equal(stored["a.dcm"], stored["d_invisible.dcm"])  # the premise of the last case
+    assert not np.array_equal(stored["a.dcm"], stored["c_pixel.dcm"])
+    out = tmp_path / "ds"
+    ingest([src], out, workers=1, progress=False, keep_paths=True, max_size=256)
+    s = Store(out)
+    df = s.manifest.set_index("source")
+    a_id = df.loc["a.dcm", "image_id"]
+    assert df.loc["b_rle.dcm", ["status", "reason"]].tolist() == ["duplicate", f"duplicate_of:{a_id}"]
+    assert df.loc["d_invisible.dcm", ["status", "reason"]].tolist() == ["duplicate", f"duplicate_of:{a_id}"]
+    assert df.loc["c_pixel.dcm", "status"] == "ingested" and df.loc["e_window.dcm", "status"] == "ingested"
+    for i, row in s.images.iterrows():
+        img = s.read(i)
+        assert np.array_equal(img, stored[row["source"]]) and img.shape == (256, 197)
+        assert row["content_hash"] == R.content_hash(img)  # checkable from the store itself
+    assert (df.loc[["a.dcm"], ["orig_height", "orig_width"]].to_numpy() == [[1300, 1000]]).all()
+    meta = json.loads((out / "store.json").read_text())
+    assert meta["content_hash"] == "sha256-of-stored-pixels" and meta["resize"]

@@ -216,11 +216,13 @@ def test_lookup_table_path_signed_pixels():
     np.testing.assert_allclose(img, R.grey_transfer(arr, ds)(arr), atol=1e-6)
 
 
-def _reference_stored(img01, max_size):
+def _direct_stored(img01, max_size):
+    """The store's image by one BOX resize of the full-size [0, 1] image (the reference for quality)."""
     from radpretrain.data import intensity as I
     from radpretrain.data.store import to_stored
 
-    return to_stored(I.resize_max(img01, max_size))
+    nh, nw = I.target_size(*img01.shape, max_size)
+    return to_stored(I._pil_resize(img01, nh, nw, Image.Resampling.BOX))
 
 
 def _decoded_cases(tmp_path):
@@ -231,7 +233,7 @@ def _decoded_cases(tmp_path):
     Image.fromarray(big8).save(tmp_path / "b.jpg", quality=90)
     Image.fromarray(ramp(60, 50, top=4000)).save(tmp_path / "c16.png")
     Image.fromarray(np.stack([u8] * 3, -1)).save(tmp_path / "rgb.png")
-    arr = ramp(400, 300, top=4095)  # > 65536 pixels: the blocked window path
+    arr = ramp(400, 300, top=4095)  # > 65536 pixels: the window path
     noisy = np.clip(arr.astype(np.int32) + rng.integers(-30, 30, arr.shape), 0, 4095).astype(np.uint16)
     return [
         u8, big8, np.full((64, 64), 17, np.uint8), np.zeros((0, 0), np.uint8), ramp(40, 40, top=4095),
@@ -241,13 +243,16 @@ def _decoded_cases(tmp_path):
         make_dicom((ramp(400, 300, top=4000).astype(np.int32) - 2000).astype(np.int16)),
         make_dicom(np.full((300, 300), 1000, np.uint16)), make_dicom(np.full((300, 300), 1000, np.uint16),
                                                                       window=(3000.0, 10.0)),
+        make_dicom(noisy, VOILUTFunction="SIGMOID", window=(2000.0, 1500.0)),  # not a window: lookup table
     ]
 
 
 @pytest.mark.parametrize("max_size", [512, 96, 37])
-def test_decoded_shortcuts_equal_load_image_plus_resize(tmp_path, max_size):
-    """What ingest stores (Decoded.stored / is_blank) == to_stored(resize_max(load_image(x))): bit-identical."""
+def test_decoded_equals_load_image_and_stores_load_stored(tmp_path, max_size):
+    """What ingest uses (Decoded): load_image's image, meta and blank test; its stored pixels are load_stored's,
+    to_stored(img01) without resizing, and close to one BOX resize of img01 with it."""
     from radpretrain.data import intensity as I
+    from radpretrain.data.store import to_stored
 
     for case in _decoded_cases(tmp_path):
         try:
@@ -261,10 +266,69 @@ def test_decoded_shortcuts_equal_load_image_plus_resize(tmp_path, max_size):
         assert dec.shape == img.shape
         assert np.array_equal(dec.img01(), img) and dec.img01().dtype == np.float32
         assert dec.is_blank() == I.is_blank(img)
-        if img.size:
-            want = _reference_stored(img, max_size)
-            got = dec.stored(max_size)
-            assert got.dtype == want.dtype and np.array_equal(got, want)
+        if not img.size:
+            continue
+        got = dec.stored(max_size)
+        stored, _ = R.load_stored(case, max_size)
+        assert got.dtype == np.uint8 and np.array_equal(got, stored)
+        assert got.shape == I.target_size(*img.shape, max_size)
+        if max(img.shape) <= max_size:
+            assert np.array_equal(got, to_stored(img))
+        else:  # shrunk in two steps (block means, then BOX): close to one BOX resize of the full image
+            direct = _direct_stored(img, max_size)
+            assert abs(float(got.mean()) - float(direct.mean())) < 1.0
+            if float(np.abs(np.diff(img, axis=1)).mean()) < 0.05:  # images, not pure noise (averaged differently)
+                assert np.abs(got.astype(int) - direct).mean() < 1.0, (type(case), max_size)
+
+
+def test_store_path_of_a_large_radiograph_is_close_to_the_full_size_pipeline():
+    """A 12-bit radiograph 5x the stored size: block means of the raw pixels, then the window (no full-size
+    float image). Where the window cuts into noise the window now acts on the averaged pixels."""
+    from radpretrain.data import intensity as I
+    from radpretrain.data.store import to_stored
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1280, 0:1024]
+    raw = 600 + 1500 * (((yy - 600) / 400.0) ** 2 + ((xx - 500) / 300.0) ** 2 < 1) + rng.normal(0, 40, yy.shape)
+    raw = np.clip(raw, 0, 4095).astype(np.uint16)
+    for kw in (dict(), dict(photometric="MONOCHROME1"), dict(window=(1400.0, 2400.0)), dict(window=(1400.0, 1600.0))):
+        ds = make_dicom(raw, **kw)
+        dec = R.load_image(ds, decoded=True)
+        assert dec._raw is not None and dec._img is None  # the window path: no full-size float image made
+        got = dec.stored(256)
+        assert dec._img is None and got.shape == (256, 205)
+        a, b = dec._affine
+        if kw.get("window") == (1400.0, 1600.0):  # window 600..2200: the background noise straddles its end
+            small_raw = Image.fromarray(raw.astype(np.float32)).resize((205, 256), Image.Resampling.BOX)
+            want = to_stored(I.affine_clip(np.asarray(small_raw), a, b))  # resized first, then windowed
+        else:  # windowing first, then one BOX resize of the full image: nearly the same pixels
+            want = _direct_stored(dec.img01(), 256)
+        diff = np.abs(got.astype(int) - want)
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 12, (kw, diff.mean())
+
+
+def test_native_pixels_are_read_without_a_copy_and_equal_pixel_array():
+    """Uncompressed grey pixels: a read-only view of the pixel bytes, exactly pydicom's pixel_array
+    (including its masking of bits above Bits Stored)."""
+    from pydicom.pixels import pixel_array
+
+    rng = np.random.default_rng(3)
+    clean = rng.integers(0, 4096, (300, 260)).astype(np.uint16)
+    dirty = clean | np.uint16(0x5000)                       # garbage above Bits Stored (12)
+    signed = rng.integers(-2048, 2048, (300, 260)).astype(np.int16)
+    signed_dirty = signed.copy()
+    signed_dirty[0, :10] = 0x3000                           # positive garbage: sign-extends to negative
+    for arr, bits in ((clean, 12), (dirty, 12), (signed, 12), (signed_dirty, 12), (clean, 16),
+                      (rng.integers(0, 256, (300, 260)).astype(np.uint8), 8), (clean[:5, :7], 12)):
+        ds = make_dicom(arr, bits=bits)
+        stats = {}
+        got = R._decode_frame(ds, 0, stats)
+        want = pixel_array(ds, index=0)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (arr.dtype, bits)
+        if arr is clean and bits == 12:
+            assert not got.flags.writeable and stats["raw_max"] == clean.max()  # a view, no copy
+        img, _ = R.load_image(ds)
+        assert np.array_equal(img, R.dicom_to_unit(want, ds))
 
 
 def test_blocked_window_pass_is_bit_identical():
@@ -284,3 +348,60 @@ def test_blocked_window_pass_is_bit_identical():
             assert (stats["raw_min"], stats["raw_max"]) == (x.min(), x.max())
             ends = I.affine_clip_values([x.min(), x.max()], a, b)
             assert (ends.min(), ends.max()) == (ref.min(), ref.max())
+
+
+def test_pixels_mapped_from_the_file_equal_pixel_array(tmp_path):
+    """read_dicom leaves large pixel data in the file; uncompressed frames are then mapped (no copy),
+    with exactly pydicom's values, and a file too short for its pixels is still a decode_error."""
+    from pydicom.pixels import pixel_array
+
+    rng = np.random.default_rng(5)
+    cases = {"u12": (rng.integers(0, 4096, (800, 700)).astype(np.uint16), 12),
+             "dirty": (rng.integers(0, 4096, (800, 700)).astype(np.uint16) | np.uint16(0x8000), 12),
+             "s12": (rng.integers(-2048, 2048, (800, 700)).astype(np.int16), 12),
+             "u8": (rng.integers(0, 256, (1200, 1000)).astype(np.uint8), 8)}
+    for name, (arr, bits) in cases.items():
+        path = make_dicom(arr, tmp_path / f"{name}.dcm", bits=bits)
+        ds = R.read_dicom(path)
+        assert ds.get_item(0x7FE00010, keep_deferred=True).value is None  # left in the file
+        got = R._decode_frame(ds, 0, {})
+        want = pixel_array(pydicom.dcmread(path), index=0)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+        if name == "u12":
+            assert isinstance(got.base, np.ndarray) or not got.flags.owndata  # a view of the mapped file
+            assert not got.flags.writeable
+    deflated = pydicom.dcmread(tmp_path / "u12.dcm")  # deflate: the pixel data is not at a file offset
+    deflated.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    deflated.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    got = R._decode_frame(R.read_dicom(tmp_path / "deflated.dcm"), 0, {})
+    assert np.array_equal(got, cases["u12"][0])
+    data = (tmp_path / "u12.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 100_000])
+    with pytest.raises(R.ReadError) as e:
+        R.load_image(tmp_path / "cut.dcm")
+    assert e.value.reason == "decode_error"
+
+
+@pytest.mark.parametrize("max_size", [512, 300, 150])
+def test_stored_pixels_do_not_depend_on_the_decoder_preparing_them(tmp_path, max_size):
+    """load_image(..., max_size) lets the decoder sum the first resize step on its pass over the pixels
+    (block_mean_checked); the stored image is the same as without it, also with bits above Bits Stored."""
+    from radpretrain.data import intensity as I
+
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[0:1500, 0:1100]
+    base = (800 + 1200 * np.sin(yy / 90.0) ** 2 + rng.normal(0, 30, yy.shape)).clip(0, 4095)
+    arrs = {"clean": base.astype(np.uint16), "MONOCHROME1": base.astype(np.uint16),
+            "dirty": base.astype(np.uint16) | np.uint16(0x4000), "signed": (base - 2048).astype(np.int16)}
+    for name, arr in arrs.items():
+        path = make_dicom(arr, tmp_path / f"{name}.dcm",
+                          photometric="MONOCHROME1" if name == "MONOCHROME1" else "MONOCHROME2")
+        prepared = R.load_image(path, decoded=True, max_size=max_size)
+        plain = R.load_image(path, decoded=True)
+        if name != "dirty":  # garbage above Bits Stored: the fused pass stops, pydicom's correction is applied
+            assert prepared._block_means is not None and prepared._block_means[0] == I.shrink_factor(1500, 1100, max_size)
+            assert np.array_equal(prepared._block_means[1], I.block_mean(plain._raw, prepared._block_means[0]))
+        got = prepared.stored(max_size)
+        assert np.array_equal(got, plain.stored(max_size)) and np.array_equal(got, R.load_stored(path, max_size)[0])
+        assert got.shape == I.target_size(1500, 1100, max_size)
+        assert np.array_equal(prepared.img01(), plain.img01())

@@ -21,7 +21,9 @@ shown as their token unless ``--keep-paths``, and read errors are reason codes.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
+import io
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 import json
@@ -55,6 +57,7 @@ _INTERNAL = ["_file", "_item", "_pid_source"]
 MAX_AUTO_CLASSES = 50
 _CLASS_NAME = re.compile(r"[A-Za-z0-9 _+.\-]{1,32}")
 _ID_LIKE = re.compile(r"\d{5,}|\^")  # ids, dates, DICOM person names: not class names
+CONTENT_HASH = "sha256-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
 _PHI_COLUMN = re.compile(r"name|birth|\bdob\b|accession|\bmrn\b|address|phone|email|patient|physician", re.I)
 
 
@@ -207,19 +210,20 @@ _CFG: dict = {}
 
 
 def _init_worker(cfg):
-    global _CFG
+    global _CFG, _THREAD_LIMIT
     _CFG = cfg
-    if cfg.get("parent_pid") is not None:  # a pool worker: one thread each (no BLAS/OpenMP oversubscription)
-        _limit_threads()
+    # a pool worker: one thread each (no BLAS/OpenMP oversubscription); forked workers inherit the parent's limit
+    if cfg.get("parent_pid") is not None and not cfg.get("threads_limited"):
+        _THREAD_LIMIT = _limit_threads()
 
 
-def _limit_threads() -> None:
+def _limit_threads():
+    """BLAS/OpenMP limited to one thread (a threadpoolctl limiter to restore), or None without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # optional: numpy then keeps its default
-        return
-    global _THREAD_LIMIT
-    _THREAD_LIMIT = threadpool_limits(1)
+        return None
+    return threadpool_limits(1)
 
 
 _THREAD_LIMIT = None
@@ -312,12 +316,19 @@ def process_chunk(k: int, isolate: bool = False) -> dict:
             new_rows, is_sidecar = step(i, full, rel, root_rel, cfg, pseudo, writer, shard_path.name)
             sidecars += is_sidecar
             rows.extend(new_rows)
-    df = pd.DataFrame(rows)
     write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
     tmp = parquet_path.with_name(f".{parquet_path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
+    _write_rows(rows, tmp)
     os.replace(tmp, parquet_path)
     return {"chunk": k, "files": stop - start}
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    """A chunk manifest: the rows as one Parquet table (straight from the dicts, no DataFrame)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), path)
 
 
 def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
@@ -373,10 +384,9 @@ def _decode_into(row, load, cfg, pseudo, rel, root_rel, writer, shard_name, sour
 
 
 def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
-    """QC and store one decoded image; ``dec.stored`` == to_stored(resize_max(load_image's img01))."""
+    """QC and store one decoded image: ``dec.stored`` (== ``readers.load_stored``), hashed for duplicates."""
     meta = dec.meta
     row["orig_height"], row["orig_width"] = dec.shape
-    row["content_hash"] = meta.get("content_hash", "")
     if meta.get("raw_constant") or dec.is_blank():
         row["reason"] = "blank"
         return
@@ -384,20 +394,32 @@ def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
         row["reason"] = "too_small"
         return
     small = dec.stored(cfg["max_size"])
+    row["content_hash"] = R.content_hash(small)  # duplicates: the same stored pixels
     row["offset"] = int(writer.append(small))
     row["shard"] = shard_name
     row["height"], row["width"] = int(small.shape[0]), int(small.shape[1])
     row["status"] = "ingested"
 
 
+def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
+    """(kind by content, the whole file for PNG/JPEG/TIFF else None): one open for sniffing and decoding."""
+    try:
+        with open(full, "rb") as fh:
+            head = fh.read(R.SNIFF_BYTES)
+            kind = R.sniff(full, head=head)
+            return kind, (head + fh.read() if kind in R.IMAGE_KINDS else None)
+    except OSError:
+        return "unreadable", None
+
+
 def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
     """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0)."""
-    kind = R.sniff(full)
+    kind, data = _open_and_sniff(full)
     if kind == "sidecar":
         return [], 1
     fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
-    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "with_hash": True,
-            "decoded": True}
+    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "decoded": True,
+            "max_size": cfg["max_size"]}
     rows = []
     try:
         if kind == "nifti":
@@ -444,7 +466,7 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
                 _fill_meta(row, facts, cfg, pseudo, rel, root_rel)  # kept even if decoding fails
             dec = R.load_image(ds, index=0, dicom_facts=facts, **opts)
         elif kind in R.IMAGE_KINDS:
-            dec = R.load_image(full, kind=kind, **opts)
+            dec = R.load_image(io.BytesIO(data), kind=kind, **opts)
         elif kind == "unreadable":
             raise R.ReadError("unreadable")
         elif kind == "empty":
@@ -530,7 +552,7 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
         "nifti_max_per_patient": nifti_max_per_patient, "ct_window": [float(v) for v in ct_window],
         "mr_percentile": float(mr_percentile), "modality": modality, "body_part": body_part or "",
         "labels_sha256": hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels else "",
-        "intensity": I.INTENSITY_VERSION,
+        "intensity": I.INTENSITY_VERSION, "resize": I.RESIZE_VERSION, "content_hash": CONTENT_HASH,
     }
     fp = _fingerprint(pseudo, files, public)
     n_chunks = max(1, math.ceil(len(files) / chunk_size)) if files else 0
@@ -567,13 +589,21 @@ def _remove_tmp(out: Path) -> None:
                     p.unlink(missing_ok=True)
 
 
-def _preimport() -> None:
-    """Import the decoders once before forking, so each worker does not pay for it."""
-    import nibabel  # noqa: F401
-    import pydicom.pixels  # noqa: F401
+def _preimport(files) -> None:
+    """Import the decoders the files may need once before forking, so each worker does not pay for it.
+
+    pydicom is skipped when every file is named as a PNG/JPEG/TIFF and nibabel
+    when none is named as NIfTI (a worker still imports them if a file needs them).
+    """
+    import pyarrow.parquet  # noqa: F401  (chunk manifests)
     from PIL import Image
 
     Image.init()
+    names = [rel.lower() for _, rel in files]
+    if not all(os.path.splitext(n)[1] in IMAGE_EXTS for n in names):
+        import pydicom.pixels  # noqa: F401
+    if any(n.endswith(NIFTI_EXTS) for n in names):
+        import nibabel  # noqa: F401
 
 
 def _run_chunks(todo, cfg, workers, files, progress) -> None:
@@ -592,17 +622,26 @@ def _run_chunks(todo, cfg, workers, files, progress) -> None:
             for k in todo:
                 bar.update(process_chunk(k)["files"])
         else:
-            _preimport()
+            _preimport(files)
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-            worker_cfg = dict(cfg, parent_pid=os.getpid())
-            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(worker_cfg,)) as pool:
-                futures = {pool.submit(process_chunk, k): k for k in todo}
-                try:
-                    for fut in as_completed(futures):
-                        bar.update(fut.result()["files"])
-                    broken = False
-                except BrokenProcessPool:
-                    broken = True
+            forked = ctx.get_start_method() == "fork"
+            worker_cfg = dict(cfg, parent_pid=os.getpid(), threads_limited=forked)
+            limiter = _limit_threads() if forked else None  # set once here, inherited by the forked workers
+            gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of its heap
+            try:
+                with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(worker_cfg,)) as pool:
+                    futures = {pool.submit(process_chunk, k): k for k in todo}
+                    try:
+                        for fut in as_completed(futures):
+                            bar.update(fut.result()["files"])
+                        broken = False
+                    except BrokenProcessPool:
+                        broken = True
+            finally:
+                gc.unfreeze()
+                if limiter is not None:
+                    limiter.restore_original_limits()
             if broken:  # a decoder crashed (or memory ran out): redo the unfinished chunks file by file
                 left = [k for k in todo if not _chunk_paths(Path(cfg["out"]), k)[1].is_file()]
                 log.warning("a worker process died; redoing %d chunk(s) with each file decoded in its own process",
@@ -617,17 +656,23 @@ def _run_chunks(todo, cfg, workers, files, progress) -> None:
 # ----------------------------------------------------------------------------- finalisation
 
 def _read_chunks(out: Path, chunks) -> tuple[pd.DataFrame, int]:
-    frames, sidecars = [], 0
+    """The chunk manifests, concatenated in chunk order (one Arrow table, one conversion), and the sidecar count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables, sidecars = [], 0
     for k in chunks:
-        _, pq, st = _chunk_paths(out, k)
-        if not pq.is_file():
+        _, path, st = _chunk_paths(out, k)
+        if not path.is_file():
             raise UserError(f"{out}: chunk {k} is missing; run the ingest again to finish it")
-        df = pd.read_parquet(pq)
-        if len(df):
-            frames.append(df)
+        table = pq.read_table(path)
+        if table.num_rows:
+            tables.append(table)
         sidecars += int(read_json(st)["sidecar_skipped"]) if st.is_file() else 0
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
-    return df, sidecars
+    if not tables:
+        return pd.DataFrame(columns=MANIFEST_COLUMNS), sidecars
+    # label columns absent from a chunk (or all-null there) are filled with nulls
+    return pa.concat_tables(tables, promote_options="default").to_pandas(), sidecars
 
 
 def _type_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -703,6 +748,7 @@ def finalise(out: Path, chunks, partition=None) -> dict:
     meta = {
         "patient_id_source": pid_source, "n_inputs": summary["inputs"], "n_images": summary["ingested"],
         "n_patients": summary["patients"], "intensity": I.INTENSITY_VERSION, "min_size": opts.get("min_size"),
+        "resize": opts.get("resize"), "content_hash": opts.get("content_hash"),
         "key_fingerprint": plan.get("key_fingerprint"), "plan_fingerprint": plan.get("fingerprint"),
         "n_chunks": plan.get("n_chunks"), "label_columns": labels, "keep_paths": opts.get("keep_paths", False),
     }

@@ -128,19 +128,24 @@ def normalise_modality(value) -> str:
 
 # ----------------------------------------------------------------------------- sniffing
 
-def sniff(path: str | Path) -> str:
+SNIFF_BYTES = 352
+
+
+def sniff(path: str | Path, head: bytes | None = None) -> str:
     """Kind of a file by its content: dicom, png, jpeg, tiff, nifti, npz, sidecar or unknown.
 
     DICOM is recognised by the 'DICM' magic after the 128-byte preamble, or, for
     files written without preamble, by a first element in group 0002/0008 that
     pydicom then parses.  Extensions only matter for NIfTI/NPZ containers
     and for sidecars (.csv/.json/.txt/... that are not DICOM by content).
+    ``head``: the file's first :data:`SNIFF_BYTES` bytes when the caller has read them.
     """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(352)
-    except OSError:
-        return "unreadable"
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError:
+            return "unreadable"
     name = os.path.basename(str(path)).lower()
     if not head:
         return "empty"
@@ -207,15 +212,20 @@ def content_hash(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
+DEFER_BYTES = 1 << 20  # DICOM values larger than this stay in the file until used (pixel data: mapped, not copied)
+
+
 def read_dicom(path_or_ds, stop_before_pixels: bool = False):
+    """A pydicom Dataset read from a path (values over :data:`DEFER_BYTES` read only when used)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     if isinstance(path_or_ds, pydicom.Dataset):
         return path_or_ds
+    defer = DEFER_BYTES if isinstance(path_or_ds, (str, os.PathLike)) and not stop_before_pixels else None
     try:
         with quiet_pydicom():
-            ds = pydicom.dcmread(path_or_ds, force=True, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(path_or_ds, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer)
             _ensure_transfer_syntax(ds)
             return ds
     except InvalidDicomError:
@@ -263,7 +273,14 @@ def dicom_meta(ds) -> dict:
     }
 
 
-def _decode_frame(ds, frame: int) -> np.ndarray:
+def _decode_frame(ds, frame: int, stats: dict | None = None, max_size: int | None = None) -> np.ndarray:
+    """Frame ``frame`` of the pixel data: exactly ``pydicom.pixels.pixel_array(ds, index=frame)``.
+
+    Uncompressed grey data is returned as a read-only view of the dataset's
+    pixel bytes when that gives the same values (no copy, see :func:`_native_grey_view`).
+    ``stats``: receives ``raw_min``/``raw_max`` when they were measured on the way, and
+    ``block_means`` when ``max_size`` (the size the image will be stored at) asks for them.
+    """
     from pydicom.pixels import pixel_array
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -271,6 +288,8 @@ def _decode_frame(ds, frame: int) -> np.ndarray:
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         with quiet_pydicom():
+            if _native_grey(ds, tsyntax):
+                return _native_grey_view(ds, frame, stats, max_size)
             return pixel_array(ds, index=frame)
     except ReadError:
         raise
@@ -285,56 +304,178 @@ def _decode_frame(ds, frame: int) -> np.ndarray:
         raise ReadError("decode_error") from None
 
 
+def _native_grey(ds, tsyntax) -> bool:
+    """Uncompressed, one sample of 8 or 16 bits, MONOCHROME: pixel_array's values are the bytes themselves."""
+    try:
+        return (tsyntax is not None and not tsyntax.is_encapsulated and "PixelData" in ds
+                and int(ds.get("SamplesPerPixel") or 1) == 1 and int(ds.get("BitsAllocated") or 0) in (8, 16)
+                and str(ds.get("PhotometricInterpretation") or "").upper() in ("MONOCHROME1", "MONOCHROME2"))
+    except (TypeError, ValueError):
+        return False
+
+
+def _native_grey_view(ds, frame: int, stats: dict | None, max_size: int | None = None) -> np.ndarray:
+    """pixel_array's frame without its defensive copy: a read-only view of the pixel bytes.
+
+    pydicom masks the bits above Bits Stored (sign-extends signed pixels) by
+    shifting a copy; that changes nothing when every value already lies in the
+    Bits Stored range, which one pass over the pixels checks (the extremes are
+    kept in ``stats``); otherwise the same correction is applied to a copy.
+    With ``max_size`` and an image at least twice that size, the same pass also
+    sums the blocks of the first resize step (``stats["block_means"] = (f, means)``,
+    :func:`intensity.block_mean_checked`), so the pixels are read from memory once.
+    """
+    from pydicom.pixels import pixel_array
+
+    arr = _mapped_frame(ds, frame)
+    if arr is None:
+        arr = pixel_array(ds, index=frame, view_only=True, correct_unused_bits=False)
+    if arr.dtype.kind not in "ui" or arr.size == 0:
+        return pixel_array(ds, index=frame)
+    bits, allocated = int(ds.get("BitsStored") or 0), arr.dtype.itemsize * 8
+    if 0 < bits < allocated:
+        signed = arr.dtype.kind == "i"
+        first, last = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        f = I.shrink_factor(*arr.shape, max_size) if max_size and arr.ndim == 2 else 1
+        fused = I.block_mean_checked(arr, f, (first, last)) if f > 1 else None
+        if fused is not None:
+            means, ext = fused
+            if stats is not None:
+                stats["block_means"] = (f, means)
+        else:
+            ext = _extremes(arr)
+            if (signed and ext[0] < first) or ext[1] > last:  # unused bits set: pydicom's correction
+                arr = arr.copy()
+                np.left_shift(arr, allocated - bits, out=arr)
+                np.right_shift(arr, allocated - bits, out=arr)
+                ext = _extremes(arr)
+        if stats is not None:
+            stats["raw_min"], stats["raw_max"] = ext
+    return arr
+
+
+def _mapped_frame(ds, frame: int) -> np.ndarray | None:
+    """The frame mapped read-only from the file when the pixel data was left there (:func:`read_dicom`), else None.
+
+    Little-endian native data only: the bytes are the pixel values (what
+    pydicom's native decoder views), so mapping the file's pages replaces
+    copying them into memory.  A file too short for its frames gives None
+    (pydicom then reports the problem).
+    """
+    import mmap
+
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        el = ds.get_item(0x7FE00010, keep_deferred=True)
+        if el is None or getattr(el, "value", 0) is not None or not getattr(ds, "filename", None):
+            return None
+        if ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            return None
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        itemsize = int(ds.BitsAllocated) // 8
+        frames = int(ds.get("NumberOfFrames") or 1)
+        frame_bytes = rows * cols * itemsize
+        if not (0 <= frame < frames) or el.length < frames * frame_bytes or frame_bytes == 0:
+            return None
+        dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation') or 0) else 'u'}{itemsize}")
+        offset = int(el.value_tell) + frame * frame_bytes
+        with open(ds.filename, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < offset + frame_bytes:
+                return None
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype, count=rows * cols, offset=offset).reshape(rows, cols)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def _extremes(arr: np.ndarray) -> tuple[int | None, int]:
+    """(min, max) of integer pixels; the min of unsigned pixels is not measured (None): one pass fewer."""
+    return (None if arr.dtype.kind == "u" else int(arr.min())), int(arr.max())
+
+
+def _dicom_unit(arr: np.ndarray, ds, *, ct_window, mr_percentile, frame: int, stats: dict):
+    """``(img01, None)`` or, for a window-like transfer of grey integer pixels, ``(None, (a, b))``
+    meaning ``img01 == intensity.affine_clip(arr, a, b)`` (not computed: callers may shrink ``arr`` first).
+
+    ``stats``: ``raw_max`` (and ``raw_min`` of signed or possibly blank images) of ``arr``,
+    measured here if missing; with ``(a, b)``, ``value_range`` (bounds of ``arr``) and either
+    ``range01`` (the float32 min and max of ``img01``) or ``blank = False``.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        top = float(np.max(arr)) if arr.size else 0
+        grey = I.to_grey(arr)
+        return I.window(grey, 0, 255 if top <= 255 else 65535), None
+    if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
+        grey = I.to_grey(arr)
+        return (I.window(grey, 0, 255) if arr.dtype == np.uint8 or int(ds.get("BitsStored") or 8) <= 8
+                else I.percentile_window(grey)), None
+    smp = I._sample(arr)
+    transfer = grey_transfer(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=frame, sample=smp)
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16):
+        if stats.get("raw_max") is None:
+            stats["raw_min"], stats["raw_max"] = _extremes(arr)
+        lo = 0 if arr.dtype.kind == "u" else stats["raw_min"]
+        hi = stats["raw_max"]
+        # the transfer of every value the image can hold (lo..max): a window when it is clip(a * x + b)
+        values = np.arange(lo, hi + 1, dtype=np.int32)
+        affine = I.affine_of(values, transfer(values).astype(np.float32, copy=False))
+        if affine is not None:
+            stats["value_range"] = (lo, hi)
+            # monotonic: the result's extremes are the transfer of the raw extremes (same float32 steps);
+            # a subsample whose values already span a grey level shows the image is not blank
+            ends = I.affine_clip_values([smp.min(), smp.max()], *affine)
+            if I.is_blank_range(ends.min(), ends.max()):
+                stats["raw_min"], stats["raw_max"] = int(arr.min()), hi
+                ends = I.affine_clip_values([stats["raw_min"], hi], *affine)
+                stats["range01"] = (float(ends.min()), float(ends.max()))
+            else:
+                stats["blank"] = False
+            return None, affine
+        # any other transfer: a lookup table of every value the dtype can hold, in the order of its
+        # unsigned view (so the view indexes the table): one gather over the image
+        unsigned = np.dtype(f"u{arr.dtype.itemsize}")
+        every = np.arange(np.iinfo(unsigned).max + 1, dtype=np.int64).astype(unsigned).view(arr.dtype)
+        lut = transfer(every.astype(np.int32)).astype(np.float32, copy=False)
+        return np.take(lut, arr.view(unsigned)), None
+    return transfer(arr).astype(np.float32, copy=False), None
+
+
 def dicom_to_unit(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, frame: int = 0,
                   stats: dict | None = None) -> np.ndarray:
     """The DICOM intensity pipeline (module doc of :mod:`intensity`); returns float32 [0, 1], bone bright.
 
     Grey images go through a pointwise transfer function (modality LUT, window
     or VOI LUT, MONOCHROME1 inversion) whose data-dependent parts (percentiles)
-    are measured on the image first; for integer pixels it is evaluated once
-    per possible value and applied as a lookup table (one pass over the image).
-    ``stats``: when given and the transfer is window-like, receives ``raw_min``,
-    ``raw_max`` of ``arr`` and ``range01`` (the result's float32 min and max),
-    measured during that pass.
+    are measured on the image first.  For integer pixels it is evaluated on
+    every value the image can hold (0 or its minimum .. its maximum); a window (``clip(a * x + b)``)
+    is then applied in one pass (:func:`intensity.affine_clip`), any other
+    function as a lookup table.  ``stats``: when given, receives what was
+    measured on the way (``raw_max``, ``raw_min``, ``range01``: see :func:`_dicom_unit`).
     """
-    from pydicom.pixels import apply_color_lut
-
-    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
+    st = dict(stats or {})
     with quiet_pydicom():
-        if photometric == "PALETTE COLOR":
-            arr = apply_color_lut(arr, ds)
-            top = float(np.max(arr)) if arr.size else 0
-            grey = I.to_grey(arr)
-            return I.window(grey, 0, 255 if top <= 255 else 65535)
-        if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
-            grey = I.to_grey(arr)
-            return I.window(grey, 0, 255) if arr.dtype == np.uint8 or int(ds.get("BitsStored") or 8) <= 8 else I.percentile_window(grey)
-        transfer = grey_transfer(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=frame)
-        if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16):
-            # every value the dtype can hold, in the order of its unsigned view (so the view indexes the table)
-            unsigned = np.dtype(f"u{arr.dtype.itemsize}")
-            values = np.arange(np.iinfo(unsigned).max + 1, dtype=np.int64).astype(unsigned).view(arr.dtype)
-            values = values.astype(np.int32)
-            lut = transfer(values).astype(np.float32, copy=False)
-            affine = I.affine_of(values, lut)
-            if affine is not None:  # window-like transfer: clip(a * x + b) in place, cheaper than a gather
-                out = I.affine_clip(arr, *affine, stats=stats)
-                if stats is not None and stats.get("raw_min") is not None:
-                    # monotonic: the result's extremes are the transfer of the raw extremes (same float32 steps)
-                    ends = I.affine_clip_values([stats["raw_min"], stats["raw_max"]], *affine)
-                    stats["range01"] = (float(ends.min()), float(ends.max()))
-                return out
-            return np.take(lut, arr.view(unsigned))
-        return transfer(arr).astype(np.float32, copy=False)
+        img, affine = _dicom_unit(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=frame, stats=st)
+    if stats is not None:
+        stats.update(st)
+    return I.affine_clip(arr, *affine) if affine is not None else img
 
 
-def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, frame: int = 0):
-    """The pointwise raw -> [0, 1] function of a grey DICOM image (its percentiles measured on ``arr``)."""
+def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, frame: int = 0,
+                  sample: np.ndarray | None = None):
+    """The pointwise raw -> [0, 1] function of a grey DICOM image (its percentiles measured on ``arr``).
+
+    ``sample``: ``intensity._sample(arr)`` when the caller has it already.
+    """
     from pydicom.pixels import apply_modality_lut
 
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
     modality = str(ds.get("Modality") or "").upper()
-    sample = apply_modality_lut(I._sample(arr), ds)
+    sample = apply_modality_lut(I._sample(arr) if sample is None else sample, ds)
     invert = photometric == "MONOCHROME1"
 
     def finish(img):
@@ -346,7 +487,7 @@ def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I
         return lambda v: finish(I.window(apply_modality_lut(v, ds), lo, hi))
     if modality == "MR":
         s = np.asarray(sample, dtype=np.float32)
-        top = float(np.percentile(s, mr_percentile)) if s.size else 0.0
+        top = float(I.percentiles(s, [mr_percentile])[0]) if s.size else 0.0
         top = top if top > 0 else (float(s.max()) if s.size else 0.0)
         return lambda v: finish(I.window(apply_modality_lut(v, ds), 0.0, top) if top > 0 else np.zeros(np.shape(v), np.float32))
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
@@ -359,7 +500,7 @@ def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I
         return lambda v: finish(I.window(v, 0, 2 ** bits - 1))
     s = np.asarray(sample)
     s = s[np.isfinite(s)] if s.dtype.kind == "f" else s
-    lo, hi = (np.percentile(s, I.PERCENTILES) if s.size else (0.0, 0.0))
+    lo, hi = (I.percentiles(s, I.PERCENTILES) if s.size else (0.0, 0.0))
     if hi <= lo and s.size:
         lo, hi = float(np.min(s)), float(np.max(s))
     lo, hi = float(lo), float(hi)
@@ -525,21 +666,26 @@ def _non_dicom_meta(fmt: str, arr: np.ndarray) -> dict:
 
 def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE,
                with_hash: bool = False, kind: str | None = None, decoded: bool = False,
-               dicom_facts: dict | None = None):
+               dicom_facts: dict | None = None, max_size: int | None = None):
     """Decode one image to ``(img01 float32 2-D in [0, 1], meta)`` with the ingest intensity rules.
 
     ``src``: a path (DICOM by content, PNG/JPEG/TIFF, NIfTI, NPZ), a pydicom
-    ``Dataset``, a PIL image or a numpy array (treated like a PNG's pixels).
+    ``Dataset``, a PIL image, a numpy array (treated like a PNG's pixels) or a
+    binary file object holding a PNG/JPEG/TIFF file (``kind`` then says which).
     ``index``: DICOM frame (multi-frame: the first by default), NIfTI axial
     slice (default: the middle one when ``index`` is None) or NPZ image (of the
     first ``*_images`` array).  Raises :class:`ReadError` (a reason code).
     ``meta`` holds normalised facts and, in memory only, raw identifiers.
-    ``decoded=True`` returns a :class:`Decoded` instead (what ingest uses: the
-    same image and meta, plus exact shortcuts to the stored pixels);
+    ``img01`` has the full resolution; what ingest stores is :func:`load_stored`.
+    ``decoded=True`` returns a :class:`Decoded` instead (the same image and
+    meta, made only when needed, plus :meth:`Decoded.stored`);
     ``dicom_facts``: :func:`dicom_meta` of the dataset when the caller has it already.
+    ``with_hash``: ``meta["content_hash"]`` = :func:`content_hash` of the decoded pixels.
+    ``max_size``: the size :meth:`Decoded.stored` will be asked for, so the decoder can
+    prepare it on its one pass over the pixels (results are the same without it).
     """
     kw = dict(index=index, ct_window=ct_window, mr_percentile=mr_percentile, with_hash=with_hash, kind=kind,
-              dicom_facts=dicom_facts)
+              dicom_facts=dicom_facts, max_size=max_size)
     if kind in IMAGE_KINDS or isinstance(src, np.ndarray):  # no pydicom involved: no need to quieten it
         d = _decode(src, **kw)
     else:
@@ -548,7 +694,19 @@ def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_perce
     return d if decoded else (d.img01(), d.meta)
 
 
+def load_stored(src, max_size: int | None = 512, **kw):
+    """``(uint8 2-D image, meta)``: exactly the pixels ``radpretrain ingest --max-size max_size`` stores for ``src``.
+
+    The one function behind both ingest and the exported encoders'
+    preprocessing of files (:meth:`Decoded.stored`); keyword arguments as for
+    :func:`load_image`.  ``max_size`` None or 0: no resizing.
+    """
+    d = load_image(src, decoded=True, max_size=max_size, **kw)
+    return d.stored(max_size), d.meta
+
+
 _U8 = np.arange(256, dtype=np.uint8)
+_U8_SCALE = 1.0 / 255  # the 8-bit rule as a window: clip(x / 255), the same float32 steps as scale_by_depth
 
 
 @functools.lru_cache(maxsize=None)
@@ -562,41 +720,63 @@ def _u8_tables():
 
 
 class Decoded:
-    """One decoded image: ``meta`` (as :func:`load_image` gives it), its [0, 1] image and shortcuts for ingest.
+    """One decoded image: ``meta`` (as :func:`load_image` gives it), its [0, 1] image and what ingest stores.
 
-    :meth:`img01` is exactly ``load_image``'s image; :meth:`stored` is exactly
-    ``store.to_stored(intensity.resize_max(img01, max_size))`` and
-    :meth:`is_blank` exactly ``intensity.is_blank(img01)``, but without the
-    float image where that is not needed: an 8-bit grey image that needs no
-    resizing is mapped through a 256-entry table of the same functions, and
-    window-like DICOM transfers measure the extremes during their single pass.
+    Three forms, the [0, 1] image being made only when asked for:
+
+    * ``u8``: 8-bit grey pixels under the 8-bit rule (``x / 255``);
+    * ``raw`` + ``affine`` ``(a, b)``: grey pixels under a window-like transfer,
+      ``img01 == intensity.affine_clip(raw, a, b)``;
+    * ``img``: the [0, 1] image itself (any other transfer, colour, NIfTI, ...).
+
+    :meth:`img01` is exactly ``load_image``'s image and :meth:`is_blank`
+    exactly ``intensity.is_blank(img01)``.  :meth:`stored` is the store's
+    uint8 image: ``to_stored(img01)`` when no resizing is needed; else, for
+    ``u8``/``raw``, ``to_stored(intensity.resize_max_window(raw, a, b, ...))``
+    (block means of the raw values, then the window, then the exact size: the
+    full-size float image is never made), and for ``img`` ``to_stored(intensity.resize_max(img01, ...))``.
     """
 
-    __slots__ = ("meta", "shape", "_img", "_u8", "_range01")
+    __slots__ = ("meta", "shape", "_img", "_u8", "_raw", "_affine", "_value_range", "_range01", "_blank",
+                 "_block_means")
 
-    def __init__(self, meta, shape, img=None, u8=None, range01=None):
-        self.meta, self.shape, self._img, self._u8, self._range01 = meta, shape, img, u8, range01
+    def __init__(self, meta, shape, img=None, u8=None, raw=None, affine=None, value_range=None, range01=None,
+                 blank=None, block_means=None):
+        self.meta, self.shape, self._img, self._u8 = meta, shape, img, u8
+        self._raw, self._affine, self._value_range, self._range01 = raw, affine, value_range, range01
+        self._blank, self._block_means = blank, block_means  # (f, intensity.block_mean(raw, f)) if made already
 
     def img01(self) -> np.ndarray:
         if self._img is None:
-            self._img = np.ascontiguousarray(I.scale_by_depth(self._u8), dtype=np.float32)
+            if self._u8 is not None:
+                img = I.scale_by_depth(self._u8)
+            else:
+                img = I.affine_clip(self._raw, *self._affine)
+            self._img = np.ascontiguousarray(img, dtype=np.float32)
         return self._img
 
     def is_blank(self) -> bool:
-        if self._img is None and self._u8 is not None and self._u8.size:
-            unit = _u8_tables()[0]
-            return I.is_blank_range(unit[int(self._u8.min())], unit[int(self._u8.max())])
+        if self._blank is not None:
+            return self._blank
         if self._range01 is not None:
             return I.is_blank_range(*self._range01)
         return I.is_blank(self.img01())
 
     def stored(self, max_size: int | None) -> np.ndarray:
-        """The uint8 pixels ingest stores (longest side <= ``max_size``)."""
+        """The uint8 pixels ingest stores (longest side <= ``max_size``; None or 0: no resizing)."""
         from radpretrain.data.store import to_stored
 
-        if self._u8 is not None and (not max_size or max(self.shape) <= max_size):
-            _, table, identity = _u8_tables()
-            return self._u8 if identity else np.take(table, self._u8)
+        if not max_size or max(self.shape) <= max_size:
+            if self._u8 is not None:
+                _, table, identity = _u8_tables()
+                return self._u8 if identity else np.take(table, self._u8)
+            return to_stored(self.img01())
+        if self._u8 is not None:
+            return to_stored(I.resize_max_window(self._u8, _U8_SCALE, 0.0, max_size, self._value_range))
+        if self._raw is not None:
+            f, means = self._block_means or (None, None)
+            means = means if f == I.shrink_factor(*self.shape, max_size) else None
+            return to_stored(I.resize_max_window(self._raw, *self._affine, max_size, self._value_range, means))
         return to_stored(I.resize_max(self.img01(), max_size))
 
 
@@ -605,26 +785,30 @@ def _is_dataset(src) -> bool:
     return pydicom is not None and isinstance(src, pydicom.Dataset)
 
 
-def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_facts=None) -> Decoded:
+def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_facts=None, max_size=None) -> Decoded:
     stats: dict = {}
-    img = None
+    img = affine = None
     if isinstance(src, np.ndarray):
         arr = src
         meta = _non_dicom_meta("array", arr)
     elif _is_dataset(src):
         ds = src
-        arr = _decode_frame(ds, index or 0)
+        arr = _decode_frame(ds, index or 0, stats, max_size)
         meta = dict(dicom_facts) if dicom_facts is not None else dicom_meta(ds)
-        img = dicom_to_unit(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=index or 0, stats=stats)
+        img, affine = _dicom_unit(arr, ds, ct_window=ct_window, mr_percentile=mr_percentile, frame=index or 0,
+                                  stats=stats)
     elif hasattr(src, "mode") and hasattr(src, "size") and not isinstance(src, (str, Path)):
         arr = pil_to_array(src)
         meta = _non_dicom_meta("png", arr)
+    elif hasattr(src, "read") and kind in IMAGE_KINDS:  # an open PNG/JPEG/TIFF file (or its bytes in memory)
+        arr = read_pil(src, kind)
+        meta = _non_dicom_meta(kind, arr)
     else:
         path = src if isinstance(src, str) else Path(src)  # a str is used as is (no Path object per file)
         kind = kind or sniff(path)
         if kind == "dicom":
             return _decode(read_dicom(path), index=index, ct_window=ct_window, mr_percentile=mr_percentile,
-                           with_hash=with_hash, kind=None, dicom_facts=dicom_facts)
+                           with_hash=with_hash, kind=None, dicom_facts=dicom_facts, max_size=max_size)
         if kind in IMAGE_KINDS:
             arr = read_pil(path, kind)
             meta = _non_dicom_meta(kind, arr)
@@ -647,20 +831,21 @@ def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_fact
         else:
             raise ReadError("not_dicom_or_image")
     u8 = None
-    if img is None:  # non-DICOM pixels (file, PIL image, array): the PNG rules
+    if img is None and affine is None:  # non-DICOM pixels (file, PIL image, array): the PNG rules
         if arr.dtype == np.uint8 and arr.ndim == 2:
             u8 = np.ascontiguousarray(arr)  # 8-bit grey: the [0, 1] image is made only when needed
             lo, hi = (int(u8.min()), int(u8.max())) if u8.size else (0, 0)
-            stats = {"raw_min": lo, "raw_max": hi}
+            unit = _u8_tables()[0]
+            stats = {"raw_min": lo, "raw_max": hi, "range01": (float(unit[lo]), float(unit[hi])), "value_range": (lo, hi)}
         else:
             img = image_to_unit(arr)
-    shape = u8.shape if u8 is not None else img.shape
+    shape = arr.shape if img is None else img.shape
     if len(shape) != 2:
         raise ReadError("decode_error")
     meta["orig_height"], meta["orig_width"] = int(shape[0]), int(shape[1])
     if arr.size == 0:
         meta["raw_constant"] = True
-    elif stats.get("raw_min") is not None:
+    elif stats.get("raw_min") is not None and stats.get("raw_max") is not None:
         meta["raw_constant"] = bool(stats["raw_min"] == stats["raw_max"])
     else:
         meta["raw_constant"] = bool(np.ptp(I._sample(arr)) == 0 and np.ptp(arr) == 0)
@@ -668,4 +853,6 @@ def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_fact
         meta["content_hash"] = content_hash(arr)
     if img is not None:
         img = np.ascontiguousarray(img, dtype=np.float32)
-    return Decoded(meta, (int(shape[0]), int(shape[1])), img=img, u8=u8, range01=stats.get("range01"))
+    return Decoded(meta, (int(shape[0]), int(shape[1])), img=img, u8=u8, raw=arr if affine is not None else None,
+                   affine=affine, value_range=stats.get("value_range"), range01=stats.get("range01"),
+                   blank=stats.get("blank"), block_means=stats.get("block_means") if affine is not None else None)

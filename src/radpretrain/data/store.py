@@ -65,13 +65,15 @@ class ShardWriter:
     and the next ingest removes.
     """
 
+    BUFFER = 1 << 20
+
     def __init__(self, path: str | Path, dtype=np.uint8):
         self.path = Path(path)
         # unique per process, so two writers of the same shard never share a temp file
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
-        self._f = open(self.tmp, "wb")
+        self._f = open(self.tmp, "wb", buffering=self.BUFFER)  # many small images: few large writes
         self.offset = 0
         self.count = 0
 
