@@ -22,3 +22,46 @@ def test_headline_table_shows_ci_and_paired_deltas():
 
 def test_headline_table_without_rows():
     assert "no headline" in headline_table({})
+
+
+def test_demo_stage_commands_and_reuse(tmp_path, monkeypatch):
+    """The stages a demo runs (stubbed), the focal-lesion SimCLR preset, and reuse of finished stages."""
+    import argparse
+    import json
+
+    from radpretrain import demo
+
+    calls = []
+    where = {"out": tmp_path / "d"}
+
+    def fake_step(title, argv, stdout_to=None):
+        calls.append(argv)
+        out = where["out"]
+        done = {"synth": out / "archive" / "labels.csv", "ingest": out / "dataset" / "manifest.parquet",
+                "split": out / "dataset" / "splits.parquet", "pretrain": out / "pretrain" / "encoder.safetensors",
+                "evaluate": out / "evaluate" / "summary.json", "export": out / "encoder" / "model.safetensors"}
+        if argv[0] in done:
+            done[argv[0]].parent.mkdir(parents=True, exist_ok=True)
+            done[argv[0]].write_text(json.dumps({"headline": []}))
+        if argv[0] == "ingest":
+            (out / "dataset" / "qc_summary.json").write_text("{}")
+
+    monkeypatch.setattr(demo, "_step", fake_step)
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "d")])
+    assert demo.run(args) == 0
+    stages = [c[0] for c in calls]
+    assert stages == ["synth", "ingest", "split", "info", "pretrain", "evaluate", "export"]
+    pre = calls[stages.index("pretrain")]
+    assert pre[pre.index("--config") + 1] == "simclr_local" and "trainer.max_steps=150" in pre
+    ev = calls[stages.index("evaluate")]
+    assert ev.count("--init") == 3 and "imagenet" in ev and "0.01,0.1,1.0" in ev
+    calls.clear()
+    assert demo.run(args) == 0
+    assert [c[0] for c in calls] == ["info"]  # everything else reused
+    calls.clear()
+    where["out"] = tmp_path / "e"
+    assert demo.run(p.parse_args(["--out", str(tmp_path / "e"), "--method", "mae"])) == 0
+    mae = [c for c in calls if c[0] == "pretrain"][0]
+    assert "--config" not in mae  # other methods: their configs/<method>_cpu.yaml
