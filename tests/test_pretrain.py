@@ -195,3 +195,15 @@ def test_input_stats_follow_the_start_weights(ds, tmp_path):
                     store, rows, 0)
     with pytest.raises(UserError, match="data.stats"):
         pretrain("simclr", ds, tmp_path / "bad", overrides=["data.stats=median"])
+
+
+def test_every_packaged_preset_resolves():
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.stem for p in root.glob("*.yaml"))
+    assert {"simclr_cpu", "simclr_local", "mae_cpu", "deepcluster_cpu", "genesis_cpu", "metadata_cpu"} <= set(names)
+    for name in names:
+        method = yaml.safe_load((root / f"{name}.yaml").read_text())["method"]
+        cfg = resolve_config(method, config=name)  # unknown keys would raise
+        assert cfg["method"] == method and cfg["data"]["image_size"] > 0, name
