@@ -242,7 +242,7 @@ def input_stats(cfg: dict, store, rows: np.ndarray, seed: int) -> tuple[float, f
 
     ``auto`` (default): a run that continues from pretrained weights keeps the input statistics
     those weights were trained with — renormalising changes every activation the weights produce
-    (measured: ImageNet lite0 features on the demo's lesion task lost 0.10 linear-probe AUC when
+    (measured: ImageNet lite0 features on the synthetic lesion task (validation archive) lost 0.10 AUC when
     fed images normalised by the dataset's mean/std instead of its own 0.5/0.5); a run from
     random init uses statistics measured on the training images.  ``dataset`` always measures;
     ``weights`` requires known start-weight statistics.
