@@ -207,3 +207,47 @@ def test_every_packaged_preset_resolves():
         method = yaml.safe_load((root / f"{name}.yaml").read_text())["method"]
         cfg = resolve_config(method, config=name)  # unknown keys would raise
         assert cfg["method"] == method and cfg["data"]["image_size"] > 0, name
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_bn_stats_through_the_engine(ds, tmp_path, freeze):
+    """A real Lightning run (with a validation pass in between): frozen statistics stay the start's."""
+    run = tmp_path / "run"
+    pretrain("metadata", ds, run, overrides=[*FAST, "model.backbone=resnet18", "model.pretrained=none",
+                                             "model.kwargs={}", "data.image_size=32", "trainer.max_steps=6",
+                                             "trainer.max_epochs=3", "data.val_fraction=0.2", "export.weights=last",
+                                             f"model.freeze_bn_stats={str(freeze).lower()}"])
+    state = load_file(str(run / "encoder.safetensors"))
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    varis = [v for k, v in state.items() if k.endswith("running_var")]
+    assert len(means) == 20
+    start_like = all(torch.equal(m, torch.zeros_like(m)) for m in means) and all(torch.equal(v, torch.ones_like(v)) for v in varis)
+    assert start_like is freeze  # random init starts at mean 0 / var 1
+    assert int(state["bn1.num_batches_tracked"]) == (0 if freeze else 6)
+    assert not torch.equal(state["bn1.weight"], torch.ones_like(state["bn1.weight"]))  # the affine part trained
+
+
+def test_channels_last_trains_the_same_and_exports_plain_weights(ds, tmp_path):
+    """tf_efficientnet_lite0 on CPU switches to NHWC weights by default; the run must not change.
+
+    SGD and frozen encoder BatchNorm statistics: with batch statistics the gradients of biases
+    that a BatchNorm follows are rounding noise, which Adam would scale up to lr-sized steps."""
+    common = [*FAST, "model.backbone=tf_efficientnet_lite0", "model.pretrained=imagenet", "model.kwargs={}",
+              "data.image_size=32", "trainer.max_steps=3", "export.weights=last", "data.val_fraction=0",
+              "model.freeze_bn_stats=true", "optim.name=sgd", "optim.lr=0.001"]
+    runs = {}
+    for v in ("auto", "false"):
+        runs[v] = tmp_path / v
+        pretrain("simclr", ds, runs[v], overrides=[*common, f"trainer.channels_last={v}"])
+    assert "channels_last memory format on" in (runs["auto"] / "logs" / "pretrain.log").read_text()
+    assert "channels_last memory format on" not in (runs["false"] / "logs" / "pretrain.log").read_text()
+    a, b = losses(runs["auto"]), losses(runs["false"])
+    assert len(a) == 3 and np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-4, atol=1e-4)
+    assert abs(a.iloc[-1] - a.iloc[0]) > 1e-3  # it did train
+    model, _ = load_run_encoder(runs["auto"])  # a plain timm rebuild loads the NHWC run's weights
+    ref, _ = load_run_encoder(runs["false"])
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-2)
+    with pytest.raises(UserError, match="trainer.channels_last"):
+        pretrain("simclr", ds, tmp_path / "bad", overrides=[*common, "trainer.channels_last=maybe"])

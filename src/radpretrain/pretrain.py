@@ -69,6 +69,7 @@ DEFAULTS: dict = {
         "shuffle": True,
     },
     "model": {"backbone": "resnet18", "pretrained": "none", "patch_size": 16,
+              "freeze_bn_stats": False,  # true: the encoder's BatchNorm keeps its start statistics
               "kwargs": {}},             # extra timm.create_model kwargs (recorded in encoder.json), e.g. {depth: 6}
     "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05, "warmup_fraction": 0.05, "min_lr_ratio": 0.01},
     "trainer": {
@@ -89,6 +90,7 @@ DEFAULTS: dict = {
         "log_every_n_steps": 10,
         "enable_progress_bar": True,
         "sync_batchnorm": False,
+        "channels_last": "auto",   # NHWC weights: auto = on for depthwise CNNs on CPU, for CNNs on GPUs
         "deterministic": False,
         "cpu_threads": None,       # torch.set_num_threads (1 is fastest on a busy shared CPU)
     },
@@ -148,6 +150,10 @@ def _check_config(cfg: dict) -> None:
     if not isinstance(vf, (int, float)) or not 0 <= vf < 1:
         raise UserError(f"data.val_fraction={vf!r}: must be in [0, 1)")
     t = cfg["trainer"]
+    if not isinstance(t.get("channels_last", "auto"), bool) and str(t.get("channels_last")).lower() != "auto":
+        raise UserError(f"trainer.channels_last={t.get('channels_last')!r}: choose auto, true or false")
+    if not isinstance(get(cfg, "model.freeze_bn_stats", False), bool):
+        raise UserError(f"model.freeze_bn_stats={get(cfg, 'model.freeze_bn_stats')!r}: choose true or false")
     if (t["max_steps"] in (None, -1)) and (t["max_epochs"] in (None, -1)):
         raise UserError("set trainer.max_steps or trainer.max_epochs (both are unlimited)")
 
@@ -624,6 +630,9 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
         use_val = len(val_rows) > 0 and model.has_val_loss
         trainer = _build_trainer(cfg, run_dir, model, use_val, callbacks, store, train_rows, val_rows)
         model.total_steps_hint = total_steps(cfg, len(train_rows), trainer.world_size)
+        if use_channels_last(cfg, model, trainer.strategy.root_device.type):
+            model.to(memory_format=torch.channels_last)  # same values; faster kernels (see prefers_channels_last)
+            log.info("channels_last memory format on (trainer.channels_last=%s)", get(cfg, "trainer.channels_last"))
         dm = _data_module_class()(store, cfg, model, train_rows, val_rows if use_val else np.array([], dtype=np.int64),
                                   resuming=ckpt_path is not None)
         t0 = time.time()
@@ -647,6 +656,16 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
 
             logging.getLogger("radpretrain").removeHandler(file_log)
             file_log.close()
+
+
+def use_channels_last(cfg: dict, model, device_type: str) -> bool:
+    """``trainer.channels_last``: true / false, or auto (:func:`~radpretrain.models.backbones.prefers_channels_last`)."""
+    from radpretrain.models.backbones import prefers_channels_last
+
+    v = get(cfg, "trainer.channels_last", "auto")
+    if isinstance(v, bool):
+        return v
+    return model.encoder is not None and prefers_channels_last(model.encoder, device_type)
 
 
 def total_steps(cfg: dict, n_train: int, world: int) -> int:

@@ -38,3 +38,48 @@ def test_warmup_then_cosine():
     assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100) == pytest.approx(0.01, abs=1e-6)
     assert warmup_cosine(55, 10, 100) < warmup_cosine(30, 10, 100)
+
+
+class _TinyMethod:
+    """A PretrainMethod with a small BatchNorm encoder, built lazily (Lightning import inside)."""
+
+    @staticmethod
+    def make(freeze: bool):
+        from radpretrain.methods.base import PretrainMethod
+
+        class Tiny(PretrainMethod):
+            def __init__(self, cfg):
+                super().__init__(cfg)
+                self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+                self.head = torch.nn.Linear(4, 2)
+                self.head_bn = torch.nn.BatchNorm1d(2)  # outside the encoder: always trains normally
+
+        torch.manual_seed(0)
+        return Tiny({"data": {"mean": 0.5, "std": 0.5}, "model": {"freeze_bn_stats": freeze}})
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_bn_stats_keeps_the_encoder_statistics_but_trains_its_weights(freeze):
+    m = _TinyMethod.make(freeze)
+    bn = m.encoder[1]
+    bn.running_mean.fill_(0.3)
+    bn.running_var.fill_(2.0)
+    w0 = bn.weight.detach().clone()
+    m.train()  # what Lightning calls at the start of fit and after each validation
+    assert m.training and bn.training is (not freeze) and m.head_bn.training
+    opt = make_optimizer(list(m.parameters()), {"lr": 1e-1})
+    x = torch.rand(8, 1, 10, 10) * 3 + 1
+    for _ in range(3):
+        opt.zero_grad()
+        m.head_bn(m.head(m.encoder(x))).pow(3).mean().backward()
+        opt.step()
+    assert not torch.equal(bn.weight, w0)  # scale and shift learn either way
+    assert int(m.head_bn.num_batches_tracked) == 3
+    if freeze:
+        assert torch.allclose(bn.running_mean, torch.full((4,), 0.3)) and torch.allclose(bn.running_var, torch.full((4,), 2.0))
+        assert int(bn.num_batches_tracked) == 0
+    else:
+        assert not torch.allclose(bn.running_mean, torch.full((4,), 0.3))
+    m.eval()
+    assert not bn.training and not m.head_bn.training

@@ -8,7 +8,7 @@ import torch
 
 from radpretrain.errors import UserError
 from radpretrain.models.backbones import (
-    backbone_spec, create_backbone, grey_stats, map_by_order, resolve_arch, wheel_weights,
+    backbone_spec, create_backbone, grey_stats, map_by_order, prefers_channels_last, resolve_arch, wheel_weights,
 )
 
 
@@ -94,3 +94,18 @@ def test_missing_offline_weights_is_a_clear_error_fast(tmp_path, monkeypatch):
     assert "resnet18" in msg and "RADPRETRAIN_WEIGHTS_DIR" in msg and "model.pretrained" in msg
     with pytest.raises(UserError, match="not found"):
         create_backbone("resnet18", pretrained=tmp_path / "nope.pth")
+
+
+def test_channels_last_only_where_it_is_faster_and_values_stay():
+    lite0, r18, vit = create_backbone("tf_efficientnet_lite0"), create_backbone("resnet18"), create_backbone("vit_tiny")
+    assert prefers_channels_last(lite0, "cpu") and prefers_channels_last(lite0, "cuda")  # depthwise convolutions
+    assert not prefers_channels_last(r18, "cpu") and prefers_channels_last(r18, "cuda")
+    assert not prefers_channels_last(vit, "cpu") and not prefers_channels_last(vit, "cuda")
+    x = torch.rand(3, 1, 48, 40)
+    lite0.eval()
+    with torch.no_grad():
+        ref = lite0(x)
+        nhwc = lite0.to(memory_format=torch.channels_last)
+        feats = nhwc.forward_features(x)  # NHWC activations inside
+        assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+        assert torch.allclose(nhwc(x), ref, atol=1e-4)

@@ -107,6 +107,10 @@ class InitEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, mean, std, channels: int = 1):
         super().__init__()
+        from radpretrain.models.backbones import prefers_channels_last
+
+        if prefers_channels_last(model, "cpu"):  # same values, faster depthwise convolutions on CPU
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.channels = int(channels)
         m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)

@@ -71,6 +71,28 @@ class PretrainMethod(L.LightningModule):
         data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
         self.register_buffer("norm_mean", torch.tensor(float(data.get("mean", 0.5))), persistent=True)
         self.register_buffer("norm_std", torch.tensor(float(data.get("std", 0.25))), persistent=True)
+        model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+        self.freeze_bn_stats = bool(model.get("freeze_bn_stats", False))
+
+    def train(self, mode: bool = True):
+        """The train/eval switch; with ``model.freeze_bn_stats`` the encoder's BatchNorm layers stay
+        in eval mode: they normalise with, and keep, their start statistics while their scale and
+        shift still learn."""
+        super().train(mode)
+        if mode:
+            self._freeze_bn()
+        return self
+
+    def _freeze_bn(self) -> None:
+        if self.freeze_bn_stats and self.encoder is not None:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Lightning does not always call train(): a new module starts in train mode, and the
+        # validation loop restores each submodule's mode itself; check before every step (cheap).
+        self._freeze_bn()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map [0, 1] store images to encoder input: ``(x - mean) / std`` (see docs/architecture.md)."""

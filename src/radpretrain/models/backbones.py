@@ -261,6 +261,23 @@ def _hub_cached(arch: str) -> bool:
     return False
 
 
+def prefers_channels_last(model: nn.Module, device_type: str = "cpu") -> bool:
+    """Whether ``model`` trains faster with ``torch.channels_last`` weights on ``device_type``.
+
+    CUDA: any 2-D convolution (cuDNN's NHWC kernels).  CPU: only networks built from
+    depthwise convolutions (EfficientNet, MobileNet, ...): oneDNN's NHWC depthwise kernels
+    made a tf_efficientnet_lite0 training step 1.7-2x faster here (64 and 128 px, batch 32,
+    one thread), while resnet18 was 5-10 % slower (docs/benchmarks.md).  Never for ViTs
+    (their one convolution is the patch embedding).
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) < 2:
+        return False
+    if device_type == "cuda":
+        return True
+    return any(c.groups > 1 and c.groups == c.in_channels for c in convs)
+
+
 def num_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -270,4 +287,4 @@ def feature_dim(model: nn.Module) -> int:
 
 
 __all__ = ["create_backbone", "backbone_spec", "backbone_kwargs", "grey_stats", "resolve_arch", "local_weights",
-           "wheel_weights", "map_by_order", "is_vit", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
+           "wheel_weights", "map_by_order", "is_vit", "prefers_channels_last", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
