@@ -31,6 +31,7 @@ import time
 import torch
 
 from radpretrain.methods.base import make_optimizer
+from radpretrain.models.backbones import prefers_channels_last
 
 
 def _batch(ds, n):
@@ -47,9 +48,12 @@ def time_steps(step, n_warm: int, n: int) -> float:
 
 
 def method_step(m, batch, device):
+    m.to(device)
+    if prefers_channels_last(m.encoder, device.type):  # what the engine does with trainer.channels_last=auto
+        m.to(memory_format=torch.channels_last)
     opt = make_optimizer([p for p in m.parameters() if p.requires_grad], {"lr": 1e-4})  # the engine's optimizer
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    m.to(device).train()
+    m.train()
     it = [0]
 
     def step():

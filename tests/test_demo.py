@@ -54,7 +54,7 @@ def test_demo_stage_commands_and_reuse(tmp_path, monkeypatch):
     stages = [c[0] for c in calls]
     assert stages == ["synth", "ingest", "split", "info", "pretrain", "evaluate", "export"]
     pre = calls[stages.index("pretrain")]
-    assert pre[pre.index("--config") + 1] == "simclr_local" and "trainer.max_steps=150" in pre
+    assert pre[pre.index("--config") + 1] == "simclr_local" and "trainer.max_steps=300" in pre
     ev = calls[stages.index("evaluate")]
     assert ev.count("--init") == 3 and "imagenet" in ev and "0.01,0.1,1.0" in ev
     calls.clear()
