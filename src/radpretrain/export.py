@@ -277,8 +277,10 @@ def _public_training_info(training) -> dict:
 
 
 def _init_text(training: dict, cfg: dict, arch: str) -> str:
+    from radpretrain.models.backbones import is_random_init
+
     src = training.get("pretrained_from", cfg_get(cfg, "model.pretrained"))
-    if src in (None, "", "none", "None", "scratch", False):
+    if is_random_init(src):
         return "random (trained from scratch)"
     if src == "imagenet":
         return f"ImageNet weights of timm `{arch}`, first convolution reduced to one channel"

@@ -222,10 +222,11 @@ def start_weight_stats(cfg: dict) -> tuple[float, float, str] | None:
     channel values).  A radpretrain encoder file: the ``preprocessing`` of the ``.json`` beside it.
     ``None`` for random init or weights without recorded statistics.
     """
-    from radpretrain.models.backbones import grey_stats
+    from radpretrain.models.backbones import grey_stats, is_random_init
+    from radpretrain.models.weights import find_encoder_files
 
     pre = get(cfg, "model.pretrained")
-    if pre in (None, False, "", "none", "None", "scratch"):
+    if is_random_init(pre):
         return None
     if str(pre).lower() == "imagenet":
         try:
@@ -233,14 +234,12 @@ def start_weight_stats(cfg: dict) -> tuple[float, float, str] | None:
         except UserError:
             return None
         return m, s, "weights (ImageNet pretrained_cfg, grey)"
-    meta = Path(pre).with_suffix(".json")
-    if meta.is_file():
-        try:
-            p = json.loads(meta.read_text()).get("preprocessing", {})
-            return float(p["mean"]), float(p["std"]), f"weights ({meta.name})"
-        except (ValueError, KeyError, TypeError):
-            return None
-    return None
+    try:
+        _, meta = find_encoder_files(pre)
+        p = json.loads(meta.read_text()).get("preprocessing", {})
+        return float(p["mean"]), float(p["std"]), f"weights ({meta.name})"
+    except (UserError, ValueError, KeyError, TypeError):
+        return None
 
 
 def input_stats(cfg: dict, store, rows: np.ndarray, seed: int) -> tuple[float, float, str]:

@@ -104,7 +104,7 @@ def test_encoder_sees_only_visible_tokens():
     assert seen["n"] == 1 + 4  # CLS + 25 % of 16 patches
 
 
-def test_loss_decreases_on_toy_store(batch):
+def test_loss_decreases_on_toy_store(batch, loss_before_after):
     torch.manual_seed(0)
     m = MAE(CFG)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
@@ -113,13 +113,7 @@ def test_loss_decreases_on_toy_store(batch):
         with torch.no_grad():
             return float(m.forward_mae(batch, torch.Generator().manual_seed(123))["loss"])
 
-    before = eval_loss()
-    for i in range(15):
-        loss = m.compute_loss(batch, i)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
+    before, after = loss_before_after(m, opt, batch, eval_loss, 15)
     assert after < 0.85 * before, (before, after)
 
 

@@ -39,7 +39,7 @@ def test_identity_settings_keep_the_image():
     assert torch.allclose(aug(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
 
 
-def test_loss_decreases_on_toy_store(batch):
+def test_loss_decreases_on_toy_store(batch, loss_before_after):
     # the CPU preset's setting: ImageNet lite0 from the local wheel (random init needs far more steps)
     torch.manual_seed(0)
     cfg = {**CFG, "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "imagenet"},
@@ -54,13 +54,7 @@ def test_loss_decreases_on_toy_store(batch):
             z = m.head(m.encoder(m.normalize(torch.cat([v1, v2]))))
             return float(m.criterion(*z.chunk(2)))
 
-    before = eval_loss()
-    for i in range(16):
-        loss = m.compute_loss(batch, i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
+    before, after = loss_before_after(m, opt, batch, eval_loss, 16)
     assert after < 0.9 * before, (before, after)
 
 

@@ -83,6 +83,11 @@ def backbone_kwargs(arch: str, in_chans: int = 1, img_size: int | None = None, p
     return kw
 
 
+def is_random_init(pretrained) -> bool:
+    """Whether a ``model.pretrained`` value means "no start weights"."""
+    return pretrained in (None, False, "", "none", "None", "scratch")
+
+
 def create_backbone(name: str, in_chans: int = 1, pretrained: str | Path | None = None,
                     img_size: int | None = None, patch_size: int | None = None, **timm_kwargs) -> nn.Module:
     """A timm model with ``num_classes=0`` and ``in_chans`` input channels.
@@ -95,7 +100,7 @@ def create_backbone(name: str, in_chans: int = 1, pretrained: str | Path | None 
 
     arch = resolve_arch(name)
     kw = backbone_kwargs(arch, in_chans, img_size, patch_size, **timm_kwargs)
-    if pretrained in (None, False, "", "none", "None", "scratch"):
+    if is_random_init(pretrained):
         model = timm.create_model(arch, pretrained=False, **kw)
     elif str(pretrained).lower() == "imagenet":
         model = _create_imagenet(arch, kw)
@@ -287,4 +292,4 @@ def feature_dim(model: nn.Module) -> int:
 
 
 __all__ = ["create_backbone", "backbone_spec", "backbone_kwargs", "grey_stats", "resolve_arch", "local_weights",
-           "wheel_weights", "map_by_order", "is_vit", "prefers_channels_last", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
+           "wheel_weights", "map_by_order", "is_vit", "is_random_init", "prefers_channels_last", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
