@@ -8,7 +8,7 @@ Datasets:
 
 For each dataset the decode bound is the decoder alone (pydicom ``dcmread(path).pixel_array`` /
 PIL ``np.asarray(Image.open(path))``, full decode, nothing else) over the same files with the same
-number of processes; ingest is the full `radpretrain ingest` (scan, sniff, decode, intensity, hash,
+number of forked processes, each task the same number of files as an ingest chunk; ingest is the full `radpretrain ingest` (scan, sniff, decode, intensity, hash,
 QC, resize, shard + manifest writes, finalisation).  Target: ingest >= 0.8 x decode bound.  Both
 wall-clock rates and rates per CPU second (this process and its workers; robust when other jobs
 share the machine) are reported.  Timings depend on the machine's load: run it on a quiet machine
@@ -104,12 +104,16 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def decode_bound(paths: list[Path], workers: int) -> tuple[float, float]:
-    """(images per wall second, images per CPU second) of the decoder alone."""
+def decode_bound(paths: list[Path], workers: int, chunk: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of the decoder alone.
+
+    ``chunk``: files per task, the ingest's chunk size, so both hand the same amounts of work to the
+    same number of forked workers (the same load balance at the end of the run).
+    """
     files = [str(p) for p in paths]
     t0, c0 = time.perf_counter(), _cpu()
     pool = mp.get_context("fork").Pool(workers)
-    n = len(pool.map(_decode_one, files, chunksize=max(1, len(files) // (4 * workers))))
+    n = len(pool.map(_decode_one, files, chunksize=max(1, chunk)))
     pool.close()
     pool.join()
     return n / (time.perf_counter() - t0), n / (_cpu() - c0)
@@ -178,9 +182,9 @@ def main(argv=None) -> int:
                 continue
             src = tmp / name
             paths = make_dicoms(src, n, compressed)
-            dec, ing, _ = best_of(1 if compressed else args.repeat, lambda: decode_bound(paths, args.workers),
-                                  lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n,
-                                                      chunk_size=max(1, n // (2 * args.workers))))
+            chunk = max(1, n // (2 * args.workers))
+            dec, ing, _ = best_of(1 if compressed else args.repeat, lambda: decode_bound(paths, args.workers, chunk),
+                                  lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n, chunk_size=chunk))
             results[name] = _entry(dec, ing, images=n, size=[2560, 2048], bits=12)
             _say(name, results[name])
             shutil.rmtree(src, ignore_errors=True)
@@ -200,9 +204,10 @@ def main(argv=None) -> int:
                     d.parent.mkdir(parents=True, exist_ok=True)
                     os.symlink(p, d)
                 files = files[:limit]
-            dec, ing, summary = best_of(args.repeat, lambda: decode_bound(files, args.workers),
+            chunk = 256  # ingest's default --chunk-size
+            dec, ing, summary = best_of(args.repeat, lambda: decode_bound(files, args.workers, chunk),
                                         lambda: ingest_rate(src, tmp / "knee_ds", args.workers, len(files),
-                                                            patient_id=r"([0-9]{7})[LR]"))
+                                                            patient_id=r"([0-9]{7})[LR]", chunk_size=chunk))
             results["knee_kl"] = _entry(dec, ing, images=len(files), patients=summary["patients"])
             _say("knee_kl", results["knee_kl"])
     results["load_avg_end"] = os.getloadavg()[0]

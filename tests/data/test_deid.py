@@ -23,6 +23,30 @@ def test_tokens_are_keyed_16_hex_and_kind_separated():
     assert "PHI" not in repr(a) and "kkkk" not in repr(a)
 
 
+@pytest.mark.parametrize("key_len", [1, 16, 32, 63, 64, 65, 200])
+def test_tokens_are_hmac_sha256_for_any_key_length(key_len):
+    import hashlib
+    import hmac
+
+    key = bytes((7 * i + 3) % 256 for i in range(key_len))
+    p = deid.Pseudonymizer(key)
+    for kind, value in [("patient", "PHI000123"), ("image", "a/b.dcm#0"), ("path", "\u00e9\udcff/x"), ("study", "")]:
+        msg = f"{kind}\x00{value}".encode("utf-8", "surrogateescape")
+        assert p.token(kind, value) == hmac.new(key, msg, hashlib.sha256).hexdigest()[:16]
+
+
+def test_patient_memo_is_bounded_and_not_pickled(monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(deid, "PATIENT_MEMO", 3)
+    p = deid.Pseudonymizer(b"k" * 32)
+    toks = [p.patient(f"P{i}") for i in range(10)]
+    assert len(p._patients) <= 3
+    assert toks == [p.token("patient", f"P{i}") for i in range(10)]  # remembered or not: the same pseudonym
+    q = pickle.loads(pickle.dumps(p))
+    assert q._patients == {} and q.patient("P1") == toks[1]
+
+
 def test_key_from_env_hex_and_text(monkeypatch):
     monkeypatch.setenv(deid.KEY_ENV, "00" * 16)
     assert deid.load_key() == bytes(16)

@@ -229,6 +229,25 @@ def test_nifti_and_npz_inputs(tmp_path, capfd):
     assert Store(out).images.loc[lambda d: d.source_format == "npz", ["height", "width"]].eq(28).all().all()
 
 
+def test_npz_labels_beside_folder_labels(tmp_path, capfd):
+    """An NPZ inside an ImageFolder tree: its integer labels and the folder names share one column."""
+    src = tmp_path / "tree"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            rng = np.random.default_rng(10 * i + (cls == "b"))
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(src / cls / f"{i}.png")
+    np.savez(src / "a" / "mnist.npz", train_images=np.random.default_rng(0).integers(0, 255, (3, 28, 28), dtype=np.uint8),
+             train_labels=np.array([[0], [1], [1]]))
+    out = tmp_path / "ds"
+    rc, _, _ = _ingest_cli([src, "--out", out, "--label-from-folder", "yes", "--min-size", "8", "--workers", "1"], capfd)
+    assert rc == 0
+    df = pd.read_parquet(out / "manifest.parquet")
+    assert len(df) == 7 and (df.status == "ingested").all()
+    assert sorted(df.loc[df.source_format == "npz", "label"]) == ["0", "1", "1"]
+    assert sorted(df.loc[df.source_format != "npz", "label"]) == ["a", "a", "b", "b"]
+
+
 def test_user_errors_are_clear(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _png_tree(src, {"a.png": 1})
@@ -331,6 +350,7 @@ def test_a_crashing_decoder_only_quarantines_its_file(tmp_path, capfd, monkeypat
     assert df["status"].tolist() == ["ingested"] * 3 + ["quarantined"] + ["ingested"] * 2
     assert df["reason"].iloc[3] == "worker_crash"
     assert len(Store(out)) == 5 and Store(out).read(4).shape == (48, 40)
+    assert not list(out.rglob("*.tmp"))  # the dead worker's temporaries are removed
 
 
 def _radiograph_dicom(path, arr, transfer_syntax=None, **extra):
@@ -399,3 +419,72 @@ def test_large_images_stored_as_load_stored_and_duplicates_are_equal_stored_pixe
     assert (df.loc[["a.dcm"], ["orig_height", "orig_width"]].to_numpy() == [[1300, 1000]]).all()
     meta = json.loads((out / "store.json").read_text())
     assert meta["content_hash"] == "sha256-of-stored-pixels" and meta["resize"]
+
+
+def test_shard_writer_gathers_images_and_copies_what_the_caller_may_change(tmp_path):
+    from radpretrain.data.store import ShardWriter, commit_file
+
+    img = np.asarray(Image.fromarray(np.arange(120, dtype=np.uint8).reshape(10, 12)))  # over a bytes object
+    assert not img.flags.writeable
+    w = ShardWriter(tmp_path / "s.bin")
+    w.BUFFER = 300  # several writes
+    buf, want = np.zeros((5, 7), np.uint8), []
+    for k in range(9):
+        buf[:] = k  # the caller reuses its array: what was appended must not change
+        assert w.append(buf) == sum(a.nbytes for a in want)
+        want.append(buf.copy())
+        w.append(img)
+        want.append(img)
+    w.close(commit=False)  # written, not yet committed
+    assert not (tmp_path / "s.bin").exists() and w.tmp.is_file()
+    commit_file(w.tmp, w.path)
+    got = np.fromfile(tmp_path / "s.bin", np.uint8)
+    assert np.array_equal(got, np.concatenate([a.reshape(-1) for a in want])) and not w.tmp.exists()
+    with pytest.raises(ValueError):
+        ShardWriter(tmp_path / "t.bin").append(np.zeros((2, 2), np.uint16))
+
+
+def test_path_helpers_match_their_definitions():
+    from radpretrain.data import ingest as G
+    from radpretrain.data import readers as R
+
+    rng = np.random.default_rng(0)
+    parts = ["a", "b", ".", "/", "..", "png", "KNEE", "lat", "x.nii", "AP", "9", ".gz"]
+    for _ in range(2000):
+        rel = "".join(rng.choice(parts, size=rng.integers(0, 7)))
+        assert G._ext(rel) == os.path.splitext(rel)[1].lower()
+        view = R.normalise_view(None, rel)
+        assert G._path_facts(rel) == (R.body_part_from_text(rel), None if view == "unknown" else view)
+
+
+def test_a_pending_chunk_is_done_only_once_committed(tmp_path, monkeypatch):
+    """Pool workers leave shard and chunk manifest under temporary names; the parent commits them (shard synced
+    first, manifest last); a chunk left pending is redone by the next run."""
+    from radpretrain.data import ingest as G
+
+    src = tmp_path / "src"
+    _png_tree(src, {f"c{k % 2}/img{k}.png": k for k in range(6)})
+    ref = tmp_path / "ref"
+    ingest([src], ref, workers=1, progress=False, chunk_size=4)
+    seen = {}
+
+    def run_pending(todo, cfg, *a, **kw):  # what a pool worker does, without the parent's commit
+        G._init_worker(cfg)
+        for k in todo:
+            seen[k] = G.process_chunk(k, commit=False)
+        return {}
+
+    real_run_chunks = G._run_chunks
+    monkeypatch.setattr(G, "_run_chunks", run_pending)
+    out = tmp_path / "ds"
+    with pytest.raises(UserError, match="chunk 0 is missing"):
+        ingest([src], out, workers=1, progress=False, chunk_size=4)
+    assert not list((out / ".ingest" / "chunks").glob("*.parquet")) and not list((out / "shards").glob("*.bin"))
+    G.commit_chunk(seen[0]["pending"])  # chunk 0 committed, chunk 1 left pending (as if the parent died)
+    assert (out / "shards" / "chunk-000000.bin").is_file() and G._chunk_paths(out, 0)[1].is_file()
+    monkeypatch.setattr(G, "_run_chunks", real_run_chunks)
+    ingest([src], out, workers=2, progress=False, chunk_size=4)  # resumes: chunk 1 redone, temporaries removed
+    pd.testing.assert_frame_equal(pd.read_parquet(ref / "manifest.parquet"), pd.read_parquet(out / "manifest.parquet"))
+    assert not list(out.rglob("*.tmp"))
+    for a, b in zip(sorted((ref / "shards").iterdir()), sorted((out / "shards").iterdir())):
+        assert a.read_bytes() == b.read_bytes()

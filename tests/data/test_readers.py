@@ -405,3 +405,46 @@ def test_stored_pixels_do_not_depend_on_the_decoder_preparing_them(tmp_path, max
         assert np.array_equal(got, plain.stored(max_size)) and np.array_equal(got, R.load_stored(path, max_size)[0])
         assert got.shape == I.target_size(1500, 1100, max_size)
         assert np.array_equal(prepared.img01(), plain.img01())
+
+
+def test_text_facts_is_body_part_and_view_in_one_scan():
+    rng = np.random.default_rng(0)
+    words = ["knee", "AP", "lat", "x", "12345", "/", "_", ".", "hand", "PA", "oblique", "chest", "L", "png"]
+    for _ in range(500):
+        text = "".join(rng.choice(words, size=rng.integers(0, 8)))
+        view = R.normalise_view(None, text)
+        assert R.text_facts(text) == (R.body_part_from_text(text), None if view == "unknown" else view)
+
+
+@pytest.mark.parametrize("case", ["noisy", "constant", "two_levels", "one_level_in_middle_row", "thin", "large"])
+def test_8bit_statistics_shortcut_gives_the_same_decoded_image(tmp_path, case):
+    """8-bit grey files stored at full size skip the pass over all pixels when a few pixels already span two
+    grey levels: blank/constant tests, the stored pixels and the [0, 1] image are those of the full pass."""
+    rng = np.random.default_rng(1)
+    arr = {"noisy": lambda: rng.integers(0, 256, (60, 50)),
+           "constant": lambda: np.full((60, 50), 9),
+           "two_levels": lambda: np.where(rng.random((60, 50)) < 0.5, 100, 101),
+           "one_level_in_middle_row": lambda: np.pad(np.full((1, 50), 200), ((30, 29), (0, 0)), constant_values=199),
+           "thin": lambda: rng.integers(0, 256, (60, 1)),
+           "large": lambda: rng.integers(0, 256, (700, 300))}[case]().astype(np.uint8)
+    path = tmp_path / "a.png"
+    Image.fromarray(arr).save(path)
+    data = path.read_bytes()
+    import io
+
+    quick = R.load_image(io.BytesIO(data), kind="png", decoded=True, max_size=512)
+    full = R.load_image(io.BytesIO(data), kind="png", decoded=True, max_size=None)  # always the full pass
+    assert quick.is_blank() == full.is_blank() == R.I.is_blank(full.img01())
+    assert quick.meta["raw_constant"] == full.meta["raw_constant"] == bool(arr.min() == arr.max())
+    assert np.array_equal(quick.stored(512), full.stored(512)) and np.array_equal(quick.img01(), full.img01())
+    assert quick.meta == full.meta
+
+
+def test_content_hash_is_sha256_of_dtype_shape_and_bytes():
+    import hashlib
+
+    for a in (np.arange(12, dtype=np.uint8).reshape(3, 4), np.arange(12, dtype=np.uint8).reshape(4, 3),
+              np.arange(12, dtype=np.uint16).reshape(3, 4), np.arange(12, dtype=np.uint8).reshape(4, 3).T):
+        want = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes()).hexdigest()
+        assert R.content_hash(a) == want == R.content_hash(a.copy())
+    assert R.content_hash(np.zeros((3, 4), np.uint8)) != R.content_hash(np.zeros((4, 3), np.uint8))

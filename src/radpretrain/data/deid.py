@@ -82,12 +82,19 @@ def load_key(create: bool = True) -> bytes:
     return _parse_key(path.read_text())
 
 
+PATIENT_MEMO = 1 << 16  # patient pseudonyms remembered per Pseudonymizer (a patient has many images)
+
+
 class Pseudonymizer:
-    """Keyed pseudonyms: ``token(kind, value)`` = HMAC-SHA256(key, kind NUL value), 16 hex chars."""
+    """Keyed pseudonyms: ``token(kind, value)`` = HMAC-SHA256(key, kind NUL value), 16 hex chars.
+
+    Patient pseudonyms are remembered (at most :data:`PATIENT_MEMO` of them, in memory only).
+    """
 
     def __init__(self, key: bytes | None = None):
         self._key = key if key is not None else load_key()
         self._mac = hmac.new(self._key, digestmod=hashlib.sha256)  # keyed state, copied per token
+        self._patients: dict[str, str] = {}
 
     def token(self, kind: str, value: str) -> str:
         mac = self._mac.copy()
@@ -95,7 +102,12 @@ class Pseudonymizer:
         return mac.hexdigest()[:TOKEN_CHARS]
 
     def patient(self, value: str) -> str:
-        return self.token("patient", value)
+        tok = self._patients.get(value)
+        if tok is None:
+            if len(self._patients) >= PATIENT_MEMO:
+                self._patients.clear()
+            tok = self._patients[value] = self.token("patient", value)
+        return tok
 
     def study(self, value: str) -> str:
         return self.token("study", value)

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
 from radpretrain.data.deid import Pseudonymizer, key_path
 from radpretrain.data.store import (
-    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, write_manifest, write_store_meta,
+    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
 )
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
@@ -129,26 +130,42 @@ def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             reldir = os.path.relpath(dirpath, top)
             reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
-            for fn in filenames:
-                if not fn.startswith("."):
-                    files.append((os.path.join(dirpath, fn), prefix + reldir + fn, reldir + fn))
-    files.sort(key=lambda t: t[1])
+            joined = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join(dirpath, fn)
+            rel_prefix = prefix + reldir
+            files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames if not fn.startswith("."))
+    files.sort(key=itemgetter(1))
     return [(a, b) for a, b, _ in files], [c for _, _, c in files]
 
 
-def _is_sidecar_name(rel: str) -> bool:
-    return os.path.splitext(rel)[1].lower() in R.SIDECAR_EXTS
+def _ext(rel: str) -> str:
+    """``os.path.splitext(rel)[1].lower()`` of a '/'-separated path (a leading dot starts no extension)."""
+    dot = rel.rfind(".")
+    start = rel.rfind("/") + 1
+    if dot > start and (rel[start] != "." or rel[start:dot].lstrip(".")):
+        return rel[dot:].lower()
+    return ""
 
 
-def decide_label_from_folder(mode: str, rels: list[str], has_labels_csv: bool) -> bool:
+def decide_label_from_folder(mode: str, rels: list[str], has_labels_csv: bool, exts=None) -> bool:
+    """``exts``: ``_ext`` of each of ``rels`` when the caller has them."""
     if mode != "auto":
         return mode == "yes"
     if has_labels_csv:
         return False
-    inputs = [r for r in rels if not _is_sidecar_name(r)]
-    if not inputs or any(os.path.splitext(r)[1].lower() not in IMAGE_EXTS or "/" not in r for r in inputs):
+    classes, folder, n_inputs = set(), None, 0
+    for r, ext in zip(rels, exts if exts is not None else map(_ext, rels)):
+        # one pass: every input (non-sidecar) a PNG/JPEG/TIFF in a sub-folder; their folder names
+        if ext in R.SIDECAR_EXTS:
+            continue
+        cut = r.rfind("/")
+        if ext not in IMAGE_EXTS or cut < 0:
+            return False
+        n_inputs += 1
+        if r[:cut] != folder:
+            folder = r[:cut]
+            classes.add(folder[folder.rfind("/") + 1:])  # == r.rsplit("/", 2)[-2]
+    if not n_inputs:
         return False
-    classes = {r.rsplit("/", 2)[-2] for r in inputs}
     # folder names become label values: only names that look like class names, never per-patient folders
     return 2 <= len(classes) <= MAX_AUTO_CLASSES and all(_CLASS_NAME.fullmatch(c) and not _ID_LIKE.search(c)
                                                           for c in classes)
@@ -188,6 +205,8 @@ def _norm_rel(p: str) -> str:
 def plan_nifti(files, root_rels, cfg, pseudo) -> dict[int, list[int] | None]:
     """Slice indices per NIfTI file (by index in the file list); capped per patient, deterministic."""
     plan, used = {}, {}
+    if not _may_hold_nifti(files):
+        return plan
     for i, ((full, rel), root_rel) in enumerate(zip(files, root_rels)):
         if not rel.lower().endswith(NIFTI_EXTS):
             continue
@@ -229,15 +248,22 @@ def _limit_threads():
 _THREAD_LIMIT = None
 
 
+_NAN = float("nan")
+_PATTERNS: dict = {}  # --patient-id pattern -> compiled
+
+
 def _patient_from_path(root_rel: str, rel: str, cfg, pseudo) -> tuple[str, str]:
     rx = cfg.get("patient_regex")
     if rx:
-        m = re.search(rx, root_rel)
+        pattern = _PATTERNS.get(rx)
+        if pattern is None:
+            pattern = _PATTERNS[rx] = re.compile(rx)  # what re.search(rx, ...) compiles
+        m = pattern.search(root_rel)
         if m:
             value = m.group(1) if m.groups() else m.group(0)
             if value:
                 return pseudo.patient(value), "regex"  # same pseudonym as a DICOM PatientID of that value
-    return pseudo.patient(f"\x00file:{rel}"), "per-file"
+    return pseudo.token("patient", f"\x00file:{rel}"), "per-file"  # == pseudo.patient(...), used once: not memoised
 
 
 def chunk_name(k: int) -> str:
@@ -294,51 +320,103 @@ def _process_file_isolated(i, full, rel, root_rel, cfg, pseudo, writer, shard_na
     return rows, sidecar
 
 
-def process_chunk(k: int, isolate: bool = False) -> dict:
+_PSEUDO: list = [None, None]  # (key, Pseudonymizer) of this process: its patient memo serves every chunk
+
+
+def _pseudonymizer(key: bytes) -> Pseudonymizer:
+    if _PSEUDO[0] != key:
+        _PSEUDO[:] = [key, Pseudonymizer(key)]
+    return _PSEUDO[1]
+
+
+def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
     """Decode, QC and store one chunk of files; commit shard, stats and manifest atomically (manifest last).
 
     ``isolate``: decode every file in its own child process (used to redo a chunk whose worker died).
+    ``commit=False`` (pool workers): the shard and the chunk manifest are left complete under their
+    temporary names and returned as ``pending``; the caller commits them with :func:`commit_chunk`
+    (shard synced to disk and renamed, then the manifest renamed), so a worker goes on with its next
+    chunk instead of waiting for the disk.  Until then the chunk counts as not done.
     """
     cfg = _CFG
     out = Path(cfg["out"])
-    start, stop = k * cfg["chunk_size"], min((k + 1) * cfg["chunk_size"], len(cfg["files"]))
-    pseudo = Pseudonymizer(cfg["key"])
+    files, root_rels = cfg["files"], cfg["root_rels"]
+    start, stop = k * cfg["chunk_size"], min((k + 1) * cfg["chunk_size"], len(files))
+    pseudo = _pseudonymizer(cfg["key"])
     shard_path, parquet_path, stats_path = _chunk_paths(out, k)
     rows, sidecars = [], 0
     parent = cfg.get("parent_pid")
-    with ShardWriter(shard_path) as writer:
+    step = _process_file_isolated if isolate else _process_file
+    shard_name = shard_path.name
+    writer = ShardWriter(shard_path)
+    try:
         for i in range(start, stop):
             if parent is not None and os.getppid() != parent:  # orphaned by a killed parent: commit nothing
                 raise SystemExit(1)
-            full, rel = cfg["files"][i]
-            root_rel = cfg["root_rels"][i]
-            step = _process_file_isolated if isolate else _process_file
-            new_rows, is_sidecar = step(i, full, rel, root_rel, cfg, pseudo, writer, shard_path.name)
+            full, rel = files[i]
+            new_rows, is_sidecar = step(i, full, rel, root_rels[i], cfg, pseudo, writer, shard_name)
             sidecars += is_sidecar
             rows.extend(new_rows)
-    write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
+        writer.close(commit=commit)
+    except BaseException:
+        writer.abort()
+        raise
     tmp = parquet_path.with_name(f".{parquet_path.name}.{os.getpid()}.tmp")
-    _write_rows(rows, tmp)
-    os.replace(tmp, parquet_path)
-    return {"chunk": k, "files": stop - start}
+    try:
+        write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
+        table = _write_rows(rows, tmp)
+    except BaseException:
+        if not commit:
+            writer.tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+    # the manifest table goes back to the caller too: equal to what reading the file gives, without the read
+    res = {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "table": table, "pending": None}
+    if commit:
+        os.replace(tmp, parquet_path)
+    else:
+        res["pending"] = (str(writer.tmp), str(shard_path), str(tmp), str(parquet_path))
+    return res
 
 
-def _write_rows(rows: list[dict], path: Path) -> None:
-    """A chunk manifest: the rows as one Parquet table (straight from the dicts, no DataFrame)."""
+def commit_chunk(pending) -> None:
+    """Commit what :func:`process_chunk` left pending: the shard synced and renamed, then the manifest renamed."""
+    shard_tmp, shard_path, manifest_tmp, manifest_path = pending
+    commit_file(shard_tmp, shard_path)
+    os.replace(manifest_tmp, manifest_path)
+
+
+def _write_rows(rows: list[dict], path: Path):
+    """A chunk manifest: the rows as one Parquet table (straight from the dicts, no DataFrame); returns the table.
+
+    Reading the file back gives the same table (schema and values: strings, int64, float64, all-null
+    columns as null), so the caller can keep the table instead of reading the file.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), path)
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    pq.write_table(table, path)
+    return table
+
+
+def _read_chunk_table(path):
+    """A chunk manifest as written by :func:`_write_rows` (one file: no dataset discovery)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read()
 
 
 def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
     pid, pid_source = _patient_from_path(root_rel, rel, cfg, pseudo)
+    token = pseudo.token  # image/study/series/path pseudonyms, as pseudo.image(rel, item_key), pseudo.study(...), ...
+    file_rel = f"file:{rel}"
     row = {
-        "image_id": pseudo.image(rel, item_key), "patient_id": pid,
-        "study_id": pseudo.study(f"file:{rel}"), "series_id": pseudo.series(f"file:{rel}"),
-        "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": float("nan"), "sex": "unknown",
+        "image_id": token("image", f"{rel}#{item_key}"), "patient_id": pid,
+        "study_id": token("study", file_rel), "series_id": token("series", file_rel),
+        "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": _NAN, "sex": "unknown",
         "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
-        "source": rel if cfg["keep_paths"] else pseudo.path(rel), "source_format": fmt,
+        "source": rel if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
         "content_hash": "", "status": "quarantined", "reason": "", "shard": "", "offset": -1,
         "_file": int(order[0]), "_item": int(order[1]), "_pid_source": pid_source,
     }
@@ -366,8 +444,30 @@ def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
             row["series_id"] = pseudo.series(meta["series_uid"])
     else:
         row["modality"] = meta["modality"] if fmt == "nifti" else cfg["modality"]
-        row["body_part"] = R.body_part_from_text(root_rel) or cfg.get("body_part") or "unknown"
-        row["view"] = R.normalise_view(None, root_rel)
+        body, view = _path_facts(root_rel)
+        row["body_part"] = body or cfg.get("body_part") or "unknown"
+        row["view"] = view or "unknown"  # == R.normalise_view(None, root_rel)
+
+
+_FOLDER_FACTS: dict[str, tuple] = {}  # folder -> readers.text_facts(folder), per process
+_FOLDER_FACTS_MAX = 1 << 14
+
+
+def _path_facts(root_rel: str) -> tuple[str | None, str | None]:
+    """``readers.text_facts(root_rel)`` (body part keyword, view word), the folder's part looked up once per folder.
+
+    Words never span a '/', so the path's words are its folder's followed by its name's.
+    """
+    folder, _, name = root_rel.rpartition("/")
+    facts = _FOLDER_FACTS.get(folder)
+    if facts is None:
+        if len(_FOLDER_FACTS) >= _FOLDER_FACTS_MAX:
+            _FOLDER_FACTS.clear()
+        facts = _FOLDER_FACTS[folder] = R.text_facts(folder)
+    if facts[0] is not None and facts[1] is not None:
+        return facts
+    body, view = R.text_facts(name)
+    return (facts[0] if facts[0] is not None else body), (facts[1] if facts[1] is not None else view)
 
 
 def _decode_into(row, load, cfg, pseudo, rel, root_rel, writer, shard_name, source_format=None) -> None:
@@ -402,19 +502,60 @@ def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
 
 
 def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
-    """(kind by content, the whole file for PNG/JPEG/TIFF else None): one open for sniffing and decoding."""
+    """(kind by content, the whole file for PNG/JPEG/TIFF else None): one open for sniffing and decoding.
+
+    Plain system calls (no file object): the head, then the whole file from its start up to its end
+    (normally one read, so the bytes are not joined from pieces).
+    """
     try:
-        with open(full, "rb") as fh:
-            head = fh.read(R.SNIFF_BYTES)
-            kind = R.sniff(full, head=head)
-            return kind, (head + fh.read() if kind in R.IMAGE_KINDS else None)
+        fd = os.open(full, os.O_RDONLY)
     except OSError:
         return "unreadable", None
+    try:
+        head = os.read(fd, R.SNIFF_BYTES)
+        kind = R.sniff(full, head=head)
+        if kind not in R.IMAGE_KINDS:
+            return kind, None
+        size = os.fstat(fd).st_size
+        parts, off = [], 0
+        while more := os.pread(fd, max(size + 1 - off, 1 << 16), off):  # whole file, normally in one read
+            parts.append(more)
+            off += len(more)
+        return kind, (parts[0] if len(parts) == 1 else b"".join(parts))
+    except OSError:
+        return "unreadable", None
+    finally:
+        os.close(fd)
+
+
+def _image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name) -> dict:
+    """The row of one PNG/JPEG/TIFF file (``data``: its bytes): what :func:`_process_file`'s general
+    path makes of it, with only the steps such a file needs."""
+    row = _base_row(i, rel, root_rel, cfg, pseudo, kind, 0, (i, 0))
+    try:
+        dec = R.load_image(io.BytesIO(data), kind=kind, decoded=True, max_size=cfg["max_size"])
+        row["modality"] = cfg["modality"]  # _fill_meta of a non-DICOM image
+        body, view = _path_facts(root_rel)
+        row["body_part"] = body or cfg.get("body_part") or "unknown"
+        row["view"] = view or "unknown"
+        _store_image(row, dec, cfg, writer, shard_name)
+    except R.ReadError as e:
+        row["reason"] = e.reason
+    except MemoryError:
+        row["reason"] = "too_large"
+    except Exception as e:  # one bad file never stops the run; no message text (it may quote header values)
+        row["reason"] = "decode_error"
+        log.debug("file %s: unexpected %s", row["source"], type(e).__name__)
+    if row["status"] != "ingested":
+        row["shard"], row["offset"], row["height"], row["width"] = "", -1, 0, 0
+    return row
 
 
 def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
     """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0)."""
     kind, data = _open_and_sniff(full)
+    if data is not None:  # a PNG/JPEG/TIFF, read already: the short way
+        return [_image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name)], 0
     if kind == "sidecar":
         return [], 1
     fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
@@ -446,13 +587,15 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
                     labs = z[lab_key] if lab_key else None
                     for j in range(n):
                         row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"{key}/{j}", (i, len(rows)))
-                        row["patient_id"] = pseudo.patient(f"\x00file:{rel}#{key}/{j}")
+                        row["patient_id"] = pseudo.token("patient", f"\x00file:{rel}#{key}/{j}")
                         row["study_id"] = pseudo.study(f"file:{rel}#{key}/{j}")
                         row["series_id"] = pseudo.series(f"file:{rel}#{key}/{j}")
                         row["_pid_source"] = "per-file"
                         if labs is not None:
                             lv = np.asarray(labs[j]).reshape(-1)
-                            row["label"] = int(lv[0]) if lv.size == 1 else ",".join(str(int(v)) for v in lv)
+                            # text like folder and CSV labels (typed once, at finalise): a chunk
+                            # that mixes NPZ and folder labels must not hold ints and strings
+                            row["label"] = ",".join(str(int(v)) for v in lv)
                         _decode_into(row, lambda: R.load_image(np.asarray(arr[j]), **opts),
                                      cfg, pseudo, rel, root_rel, writer, shard_name, source_format="npz")
                         rows.append(row)
@@ -498,8 +641,8 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
 
 def _fingerprint(pseudo, files, cfg_public) -> str:
     h = hashlib.sha256()
-    for _, rel in files:
-        h.update(rel.encode("utf-8", "surrogateescape") + b"\x00")
+    if files:  # each relative path followed by NUL, in one piece
+        h.update(("\x00".join(map(itemgetter(1), files)) + "\x00").encode("utf-8", "surrogateescape"))
     h.update(json.dumps(cfg_public, sort_keys=True).encode())
     return pseudo.token("plan", h.hexdigest())
 
@@ -545,7 +688,8 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
         raise UserError(f"{', '.join(map(str, sources))}: no files found (names starting with '.' are skipped)")
     label_map = load_labels(labels) if labels else None
     label_cols = sorted({c for rec in label_map.values() for c in rec}) if label_map else []
-    lff = decide_label_from_folder(label_from_folder, root_rels, bool(label_map))
+    exts = [_ext(r) for r in root_rels]  # a prefix (several sources) is a folder: same extensions as ``files``
+    lff = decide_label_from_folder(label_from_folder, root_rels, bool(label_map), exts)
     public = {
         "max_size": max_size, "min_size": min_size, "chunk_size": chunk_size, "keep_paths": bool(keep_paths),
         "patient_regex": patient_id or "", "label_from_folder": lff, "nifti_slices": nifti_slices,
@@ -577,8 +721,8 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
                nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
     log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
              f", partition {part[0]}/{part[1]}" if part else "")
-    _run_chunks(todo, cfg, workers, files, progress)
-    return finalise(out, mine, partition=part)
+    done = _run_chunks(todo, cfg, workers, files, progress, exts)
+    return finalise(out, mine, partition=part, done=done)
 
 
 def _remove_tmp(out: Path) -> None:
@@ -589,7 +733,7 @@ def _remove_tmp(out: Path) -> None:
                     p.unlink(missing_ok=True)
 
 
-def _preimport(files) -> None:
+def _preimport(files, exts=None) -> None:
     """Import the decoders the files may need once before forking, so each worker does not pay for it.
 
     pydicom is skipped when every file is named as a PNG/JPEG/TIFF and nibabel
@@ -599,18 +743,28 @@ def _preimport(files) -> None:
     from PIL import Image
 
     Image.init()
-    names = [rel.lower() for _, rel in files]
-    if not all(os.path.splitext(n)[1] in IMAGE_EXTS for n in names):
+    if not all(e in IMAGE_EXTS for e in (exts if exts is not None else (_ext(rel) for _, rel in files))):
         import pydicom.pixels  # noqa: F401
-    if any(n.endswith(NIFTI_EXTS) for n in names):
+    if _may_hold_nifti(files) and any(rel.lower().endswith(NIFTI_EXTS) for _, rel in files):
         import nibabel  # noqa: F401
 
 
-def _run_chunks(todo, cfg, workers, files, progress) -> None:
+def _may_hold_nifti(files) -> bool:
+    """False when no relative path contains '.nii' (a quick test for the whole list)."""
+    return ".nii" in "\n".join(map(itemgetter(1), files)).lower()
+
+
+def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
+    """Process the chunks ``todo`` (a pool of workers, or this process).
+
+    Returns {chunk: (its manifest table, its sidecar count)} of the chunks done here, so that
+    finalisation need not read them back from their files.
+    """
     from tqdm import tqdm
 
+    done: dict = {}
     if not todo:
-        return
+        return done
     n_workers = workers or os.cpu_count() or 1
     n_workers = max(1, min(n_workers, len(todo)))
     size = cfg["chunk_size"]
@@ -620,9 +774,11 @@ def _run_chunks(todo, cfg, workers, files, progress) -> None:
         if n_workers == 1:
             _init_worker(cfg)
             for k in todo:
-                bar.update(process_chunk(k)["files"])
+                res = process_chunk(k)
+                done[k] = (res["table"], res["sidecar_skipped"])
+                bar.update(res["files"])
         else:
-            _preimport(files)
+            _preimport(files, exts)
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
             forked = ctx.get_start_method() == "fork"
             worker_cfg = dict(cfg, parent_pid=os.getpid(), threads_limited=forked)
@@ -631,13 +787,22 @@ def _run_chunks(todo, cfg, workers, files, progress) -> None:
             try:
                 with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
                                          initargs=(worker_cfg,)) as pool:
-                    futures = {pool.submit(process_chunk, k): k for k in todo}
+                    # workers leave each chunk pending; committing it (the disk sync) is this process's job
+                    futures = {pool.submit(process_chunk, k, False, False): k for k in todo}
                     try:
                         for fut in as_completed(futures):
-                            bar.update(fut.result()["files"])
+                            res = fut.result()
+                            commit_chunk(res["pending"])
+                            done[res["chunk"]] = (res["table"], res["sidecar_skipped"])
+                            bar.update(res["files"])
                         broken = False
                     except BrokenProcessPool:
                         broken = True
+                        for fut, k in futures.items():  # chunks finished before the break: keep them
+                            if k not in done and fut.done() and not fut.cancelled() and fut.exception() is None:
+                                res = fut.result()
+                                commit_chunk(res["pending"])
+                                done[k] = (res["table"], res["sidecar_skipped"])
             finally:
                 gc.unfreeze()
                 if limiter is not None:
@@ -648,27 +813,39 @@ def _run_chunks(todo, cfg, workers, files, progress) -> None:
                             len(left))
                 _init_worker(cfg)
                 for k in left:
-                    bar.update(process_chunk(k, isolate=True)["files"])
+                    res = process_chunk(k, isolate=True)
+                    done[k] = (res["table"], res["sidecar_skipped"])
+                    bar.update(res["files"])
+                _remove_tmp(Path(cfg["out"]))  # what the dead worker (or a lost result) left behind
     finally:
         bar.close()
+    return done
 
 
 # ----------------------------------------------------------------------------- finalisation
 
-def _read_chunks(out: Path, chunks) -> tuple[pd.DataFrame, int]:
-    """The chunk manifests, concatenated in chunk order (one Arrow table, one conversion), and the sidecar count."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _read_chunks(out: Path, chunks, done=None) -> tuple[pd.DataFrame, int]:
+    """The chunk manifests, concatenated in chunk order (one Arrow table, one conversion), and the sidecar count.
 
+    ``done``: {chunk: (manifest table, sidecar count)} of chunks this process has just committed
+    (the same as their files hold); the others are read from their files.
+    """
+    import pyarrow as pa
+
+    done = done or {}
     tables, sidecars = [], 0
     for k in chunks:
-        _, path, st = _chunk_paths(out, k)
-        if not path.is_file():
-            raise UserError(f"{out}: chunk {k} is missing; run the ingest again to finish it")
-        table = pq.read_table(path)
+        if k in done:
+            table, n_sidecars = done[k]
+        else:
+            _, path, st = _chunk_paths(out, k)
+            if not path.is_file():
+                raise UserError(f"{out}: chunk {k} is missing; run the ingest again to finish it")
+            table = _read_chunk_table(path)
+            n_sidecars = int(read_json(st)["sidecar_skipped"]) if st.is_file() else 0
         if table.num_rows:
             tables.append(table)
-        sidecars += int(read_json(st)["sidecar_skipped"]) if st.is_file() else 0
+        sidecars += n_sidecars
     if not tables:
         return pd.DataFrame(columns=MANIFEST_COLUMNS), sidecars
     # label columns absent from a chunk (or all-null there) are filled with nulls
@@ -695,12 +872,13 @@ def _type_labels(df: pd.DataFrame) -> pd.DataFrame:
 
 def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Later copies (by sorted path) of the same decoded pixels become ``duplicate``; the first is kept."""
-    ok = df["status"] == "ingested"
-    first = df[ok].drop_duplicates("content_hash", keep="first")
-    keep_id = dict(zip(first["content_hash"], first["image_id"]))
-    dup = ok & ~df.index.isin(first.index)
+    ok = (df["status"] == "ingested").to_numpy(dtype=bool)
+    dup = np.zeros(len(df), dtype=bool)
+    dup[ok] = df["content_hash"][ok].duplicated(keep="first").to_numpy(dtype=bool)
     if not dup.any():
         return df
+    first = df[ok & ~dup]
+    keep_id = dict(zip(first["content_hash"].tolist(), first["image_id"].tolist()))
     df.loc[dup, "status"] = "duplicate"
     df.loc[dup, "reason"] = "duplicate_of:" + df.loc[dup, "content_hash"].map(keep_id)
     df.loc[dup, "shard"] = ""
@@ -708,13 +886,19 @@ def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def finalise(out: Path, chunks, partition=None) -> dict:
-    """Concatenate chunk manifests (in order), mark duplicates, write manifest, QC summary and store.json."""
+def finalise(out: Path, chunks, partition=None, done=None) -> dict:
+    """Concatenate chunk manifests (in order), mark duplicates, write manifest, QC summary and store.json.
+
+    ``done``: what :func:`_run_chunks` returns (chunks whose manifests need not be read back).
+    """
     out = Path(out)
     plan = read_json(out / WORK_DIR / "plan.json")
-    df, sidecars = _read_chunks(out, chunks)
+    df, sidecars = _read_chunks(out, chunks, done)
     if len(df):
-        df = df.sort_values(["_file", "_item"], kind="stable").reset_index(drop=True)
+        order = df["_file"].to_numpy() * (1 + int(df["_item"].max())) + df["_item"].to_numpy()
+        if (np.diff(order) < 0).any():  # chunks hold files in order: normally sorted already
+            df = df.sort_values(["_file", "_item"], kind="stable")
+        df = df.reset_index(drop=True)
         pid_sources = df.loc[df["status"] == "ingested", "_pid_source"].value_counts().to_dict()
         df = df.drop(columns=_INTERNAL)
     else:

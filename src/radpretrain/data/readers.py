@@ -107,6 +107,19 @@ def normalise_body_part(body_part_examined=None, *descriptions) -> str:
     return "other" if str(body_part_examined or "").strip() else "unknown"
 
 
+def text_facts(text) -> tuple[str | None, str | None]:
+    """(:func:`body_part_from_text` of ``text``, the view word :func:`normalise_view` finds in it or None), one scan."""
+    body = view = None
+    for tok in _tokens(text):
+        if body is None:
+            body = BODY_KEYWORDS.get(tok)
+        if view is None:
+            view = _VIEW_WORDS.get(tok)
+        if body is not None and view is not None:
+            break
+    return body, view
+
+
 def normalise_view(view_position=None, *descriptions) -> str:
     vp = str(view_position or "").strip().upper()
     if vp:
@@ -146,7 +159,6 @@ def sniff(path: str | Path, head: bytes | None = None) -> str:
                 head = f.read(SNIFF_BYTES)
         except OSError:
             return "unreadable"
-    name = os.path.basename(str(path)).lower()
     if not head:
         return "empty"
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -157,6 +169,7 @@ def sniff(path: str | Path, head: bytes | None = None) -> str:
         return "jpeg"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    name = os.path.basename(str(path)).lower()
     if head.startswith(b"\x1f\x8b") and name.endswith(".nii.gz"):
         return "nifti"
     if name.endswith(".nii") and len(head) >= 348 and struct.unpack("<i", head[:4])[0] in (348, 540):
@@ -204,10 +217,19 @@ def _parses_as_dicom(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- DICOM
 
+_HASH_HEADS: dict = {}  # (dtype, shape) -> the bytes content_hash starts with
+
+
 def content_hash(arr: np.ndarray) -> str:
     """SHA-256 of decoded pixels (dtype and shape included, so equal bytes of other shapes differ)."""
     a = np.ascontiguousarray(arr)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    key = (a.dtype.str, a.shape)
+    head = _HASH_HEADS.get(key)
+    if head is None:
+        if len(_HASH_HEADS) > 4096:
+            _HASH_HEADS.clear()
+        head = _HASH_HEADS[key] = f"{a.dtype.str}{a.shape}".encode()
+    h = hashlib.sha256(head)
     h.update(a.data)
     return h.hexdigest()
 
@@ -656,12 +678,18 @@ def npz_image_keys(path) -> list[tuple[str, int, str | None]]:
 
 # ----------------------------------------------------------------------------- entry point
 
+_NON_DICOM_META = {
+    "source_format": "", "modality": "XR", "modality_raw": "", "body_part": "unknown", "view": "unknown",
+    "sex": "unknown", "age_years": float("nan"), "photometric": "", "n_frames": 1, "patient_id": "",
+    "study_uid": "", "series_uid": "",
+}
+
+
 def _non_dicom_meta(fmt: str, arr: np.ndarray) -> dict:
-    return {
-        "source_format": fmt, "modality": "XR", "modality_raw": "", "body_part": "unknown", "view": "unknown",
-        "sex": "unknown", "age_years": float("nan"), "photometric": "RGB" if arr.ndim == 3 else "MONOCHROME2",
-        "n_frames": 1, "patient_id": "", "study_uid": "", "series_uid": "",
-    }
+    meta = _NON_DICOM_META.copy()
+    meta["source_format"] = fmt
+    meta["photometric"] = "RGB" if arr.ndim == 3 else "MONOCHROME2"
+    return meta
 
 
 def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE,
@@ -684,6 +712,9 @@ def load_image(src, *, index: int | None = None, ct_window=I.CT_WINDOW, mr_perce
     ``max_size``: the size :meth:`Decoded.stored` will be asked for, so the decoder can
     prepare it on its one pass over the pixels (results are the same without it).
     """
+    if kind in IMAGE_KINDS and hasattr(src, "read"):  # an open PNG/JPEG/TIFF (ingest's case): the short way
+        d = _decode_image_file(src, kind, with_hash, max_size)
+        return d if decoded else (d.img01(), d.meta)
     kw = dict(index=index, ct_window=ct_window, mr_percentile=mr_percentile, with_hash=with_hash, kind=kind,
               dicom_facts=dicom_facts, max_size=max_size)
     if kind in IMAGE_KINDS or isinstance(src, np.ndarray):  # no pydicom involved: no need to quieten it
@@ -764,12 +795,13 @@ class Decoded:
 
     def stored(self, max_size: int | None) -> np.ndarray:
         """The uint8 pixels ingest stores (longest side <= ``max_size``; None or 0: no resizing)."""
+        full_size = not max_size or max(self.shape) <= max_size
+        if full_size and self._u8 is not None:
+            _, table, identity = _u8_tables()
+            return self._u8 if identity else np.take(table, self._u8)
         from radpretrain.data.store import to_stored
 
-        if not max_size or max(self.shape) <= max_size:
-            if self._u8 is not None:
-                _, table, identity = _u8_tables()
-                return self._u8 if identity else np.take(table, self._u8)
+        if full_size:
             return to_stored(self.img01())
         if self._u8 is not None:
             return to_stored(I.resize_max_window(self._u8, _U8_SCALE, 0.0, max_size, self._value_range))
@@ -785,9 +817,36 @@ def _is_dataset(src) -> bool:
     return pydicom is not None and isinstance(src, pydicom.Dataset)
 
 
+def _decode_image_file(src, kind: str, with_hash: bool, max_size: int | None) -> Decoded:
+    """:func:`_decode` of an open PNG/JPEG/TIFF file (``kind`` known from its content)."""
+    arr = read_pil(src, kind)
+    return _finish_decoded(arr, _non_dicom_meta(kind, arr), {}, None, None, with_hash, max_size)
+
+
+def _u8_stats(u8: np.ndarray, max_size: int | None) -> dict:
+    """What the store needs to know of an 8-bit grey image's values, measured only as far as needed.
+
+    The extremes (``value_range``, ``range01``) serve the blank/constant tests and the
+    resize.  An image stored at full size in which a few pixels of the middle row already span
+    two grey levels or more is neither blank (a range under one level) nor constant, whatever
+    its extremes: the pass over all pixels is then skipped (the results are those the extremes
+    would give).  The few pixels are compared as Python ints: cheaper than two numpy reductions.
+    """
+    h, w = u8.shape
+    if u8.size and max_size and max(h, w) <= max_size:
+        few = u8[h // 2, :: max(1, w // 16)].tobytes()
+        if max(few) - min(few) >= 2:
+            return {"blank": False, "raw_constant": False}
+    lo, hi = (int(u8.min()), int(u8.max())) if u8.size else (0, 0)
+    unit = _u8_tables()[0]
+    return {"raw_min": lo, "raw_max": hi, "range01": (float(unit[lo]), float(unit[hi])), "value_range": (lo, hi)}
+
+
 def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_facts=None, max_size=None) -> Decoded:
     stats: dict = {}
     img = affine = None
+    if hasattr(src, "read") and kind in IMAGE_KINDS:  # an open PNG/JPEG/TIFF file (or its bytes in memory)
+        return _decode_image_file(src, kind, with_hash, max_size)
     if isinstance(src, np.ndarray):
         arr = src
         meta = _non_dicom_meta("array", arr)
@@ -800,9 +859,6 @@ def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_fact
     elif hasattr(src, "mode") and hasattr(src, "size") and not isinstance(src, (str, Path)):
         arr = pil_to_array(src)
         meta = _non_dicom_meta("png", arr)
-    elif hasattr(src, "read") and kind in IMAGE_KINDS:  # an open PNG/JPEG/TIFF file (or its bytes in memory)
-        arr = read_pil(src, kind)
-        meta = _non_dicom_meta(kind, arr)
     else:
         path = src if isinstance(src, str) else Path(src)  # a str is used as is (no Path object per file)
         kind = kind or sniff(path)
@@ -830,13 +886,16 @@ def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_fact
             raise ReadError("unreadable" if kind == "unreadable" else "empty_file")
         else:
             raise ReadError("not_dicom_or_image")
+    return _finish_decoded(arr, meta, stats, img, affine, with_hash, max_size)
+
+
+def _finish_decoded(arr, meta: dict, stats: dict, img, affine, with_hash: bool, max_size) -> Decoded:
+    """The decoded pixels ``arr`` (with ``img``/``affine`` when the source's rules made them) as a :class:`Decoded`."""
     u8 = None
     if img is None and affine is None:  # non-DICOM pixels (file, PIL image, array): the PNG rules
         if arr.dtype == np.uint8 and arr.ndim == 2:
             u8 = np.ascontiguousarray(arr)  # 8-bit grey: the [0, 1] image is made only when needed
-            lo, hi = (int(u8.min()), int(u8.max())) if u8.size else (0, 0)
-            unit = _u8_tables()[0]
-            stats = {"raw_min": lo, "raw_max": hi, "range01": (float(unit[lo]), float(unit[hi])), "value_range": (lo, hi)}
+            stats = _u8_stats(u8, max_size)
         else:
             img = image_to_unit(arr)
     shape = arr.shape if img is None else img.shape
@@ -845,6 +904,8 @@ def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_fact
     meta["orig_height"], meta["orig_width"] = int(shape[0]), int(shape[1])
     if arr.size == 0:
         meta["raw_constant"] = True
+    elif "raw_constant" in stats:
+        meta["raw_constant"] = stats["raw_constant"]
     elif stats.get("raw_min") is not None and stats.get("raw_max") is not None:
         meta["raw_constant"] = bool(stats["raw_min"] == stats["raw_max"])
     else:

@@ -63,9 +63,15 @@ class ShardWriter:
 
     A writer killed midway leaves only ``*.tmp`` behind, which readers ignore
     and the next ingest removes.
+
+    Images are gathered and written about :data:`BUFFER` bytes at a time with one
+    ``writev`` call.  An image whose memory nothing can change (a read-only array over a
+    ``bytes`` object, as numpy makes from a PIL image) is written from its own memory;
+    any other is copied when appended, so the caller may reuse or change it afterwards.
     """
 
     BUFFER = 1 << 20
+    MAX_PARTS = 512  # images per writev call (the system allows 1024)
 
     def __init__(self, path: str | Path, dtype=np.uint8):
         self.path = Path(path)
@@ -73,7 +79,9 @@ class ShardWriter:
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
-        self._f = open(self.tmp, "wb", buffering=self.BUFFER)  # many small images: few large writes
+        self._f = open(self.tmp, "wb", buffering=0)  # unbuffered: the gathered images go out in one call
+        self._parts: list[np.ndarray] = []
+        self._pending = 0
         self.offset = 0
         self.count = 0
 
@@ -83,18 +91,37 @@ class ShardWriter:
         if a.ndim != 2 or a.dtype != self.dtype:
             raise ValueError(f"expected a 2-D {self.dtype} array, got {a.dtype} {a.shape}")
         off = self.offset
-        self._f.write(a.reshape(-1).view(np.uint8).data)  # the bytes as they are, without a copy
+        flat = a.reshape(-1).view(np.uint8)
+        self._parts.append(flat if _immutable(flat) else flat.copy())
+        self._pending += a.nbytes
         self.offset += a.nbytes
         self.count += 1
+        if self._pending >= self.BUFFER or len(self._parts) >= self.MAX_PARTS:
+            self._flush()
         return off
 
-    def close(self) -> None:
-        self._f.flush()
+    def _flush(self) -> None:
+        if self._parts:
+            _write_all(self._f.fileno(), [p.data for p in self._parts])
+            self._parts.clear()
+            self._pending = 0
+
+    def close(self, commit: bool = True) -> None:
+        """Finish the shard: synced to disk and renamed to its final name.
+
+        ``commit=False``: only written out and closed under its temporary name (``self.tmp``);
+        :func:`commit_file` ``(self.tmp, self.path)`` commits it later, from any process.
+        """
+        self._flush()
+        if not commit:
+            self._f.close()
+            return
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
+        self._parts.clear()
         self._f.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -106,6 +133,36 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def _immutable(a: np.ndarray) -> bool:
+    """True when the array's memory belongs to a ``bytes`` object (through views): nothing can change it
+    (numpy makes every array over such memory read-only and refuses to make it writeable)."""
+    base = a.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return type(base) is bytes
+
+
+def _write_all(fd: int, views: list) -> None:
+    """``os.writev`` of all of ``views``, continuing after a partial write."""
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [memoryview(views[0])[n:], *views[1:]]
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Sync a finished temporary file to disk, then rename it to ``path`` (what :meth:`ShardWriter.close` does)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def write_store_meta(root: str | Path, dtype="uint8", max_size: int = 512, **extra) -> None:
