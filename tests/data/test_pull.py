@@ -356,8 +356,10 @@ def test_ctrl_c_saves_the_summary_and_does_not_wait_for_a_hung_request(server, a
 
     proxy = proxy_factory(server.base, rule)
     out = tmp_path / "pulled"
-    proc = subprocess.Popen([sys.executable, "-m", "radpretrain.cli", "pull", "--dicomweb", f"{proxy.url}/dicom-web",
-                             "--out", str(out), "--workers", "1"],
+    # -X faulthandler: if the interrupted process does not exit, SIGABRT makes it print every
+    # thread's stack, so a failure says where it waited
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "radpretrain.cli", "pull", "--dicomweb",
+                             f"{proxy.url}/dicom-web", "--out", str(out), "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -365,7 +367,12 @@ def test_ctrl_c_saves_the_summary_and_does_not_wait_for_a_hung_request(server, a
             time.sleep(0.02)
         assert len(served) == 3 and proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)  # the 3rd retrieval hangs for a minute: not waited for
+        try:
+            _, err = proc.communicate(timeout=10)  # the 3rd retrieval hangs until released: not waited for
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"pull did not exit within 10 s of Ctrl-C; its threads:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
