@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -530,3 +531,34 @@ def test_tls_is_verified_unless_told_otherwise(server, archive, tmp_path, proxy_
     with pytest.warns(urllib3.exceptions.InsecureRequestWarning):
         summary = pull_mod.pull(url, tmp_path / "c", modality="CT", insecure=True, progress=False)
     assert summary["tls_verify"] is False and set(_on_disk(tmp_path / "c")) == expected
+
+
+def test_worker_pool_waits_stay_interruptible():
+    """Ctrl-C may reach a retrieval thread instead of the main one (seen in a fresh-clone run:
+    the main thread sat in an untimed queue put).  ``interrupt_main`` sets the signal flag the
+    same way without waking the main thread: the pool's waits must still notice it."""
+    code = textwrap.dedent("""
+        import _thread, threading, time
+        from radpretrain.data.pull import _Workers
+        hang = threading.Event()
+        pool = _Workers(lambda *a: hang.wait(), 1)
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        t0 = time.monotonic()
+        try:
+            for i in range(100):          # the queue holds 4: the 6th submit waits on a full queue
+                pool.submit(i)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print(f"interrupted after {time.monotonic() - t0:.1f} s")
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        try:
+            pool.finish()                 # waits on the hung worker
+            print("finished")
+        except KeyboardInterrupt:
+            print("finish interrupted")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.split("\n")
+    assert lines[0].startswith("interrupted after") and float(lines[0].split()[2]) < 2.0
+    assert lines[1] == "finish interrupted"

@@ -524,15 +524,29 @@ class _Workers:
             except Exception:  # noqa: BLE001 -- fetch records its own failures; never lose a worker
                 log.exception("unexpected error in a retrieval thread")
 
+    # The main thread never waits without a timeout: Ctrl-C's signal may be delivered to a
+    # retrieval thread, and Python runs the handler (KeyboardInterrupt) only when the main thread
+    # comes back to the interpreter; an untimed wait on a full queue or a hung worker never would.
+    _POLL_S = 0.2
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=self._POLL_S)
+                return
+            except queue.Full:
+                continue
+
     def submit(self, *item) -> None:
-        self.q.put(item)
+        self._put(item)
 
     def finish(self) -> None:
         """Let the workers empty the queue, then stop them."""
         for _ in self.threads:
-            self.q.put(None)
+            self._put(None)
         for t in self.threads:
-            t.join()
+            while t.is_alive():
+                t.join(self._POLL_S)
 
 
 class _Permanent(Exception):
