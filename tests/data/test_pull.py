@@ -346,6 +346,12 @@ def test_killed_pull_resumes_without_duplicates(server, archive, tmp_path, proxy
     assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
 
 
+def _default_sigint():
+    """A job started in the background by a non-interactive shell inherits SIGINT ignored, and
+    Python then keeps ignoring it; the Ctrl-C tests need the usual disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_saves_the_summary_and_does_not_wait_for_a_hung_request(server, archive, tmp_path, proxy_factory):
     release, served = threading.Event(), []
 
@@ -361,7 +367,8 @@ def test_ctrl_c_saves_the_summary_and_does_not_wait_for_a_hung_request(server, a
     # thread's stack, so a failure says where it waited
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "radpretrain.cli", "pull", "--dicomweb",
                              f"{proxy.url}/dicom-web", "--out", str(out), "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(served) < 3:
@@ -557,7 +564,8 @@ def test_worker_pool_waits_stay_interruptible():
         except KeyboardInterrupt:
             print("finish interrupted")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       preexec_fn=_default_sigint)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.split("\n")
     assert lines[0].startswith("interrupted after") and float(lines[0].split()[2]) < 2.0
