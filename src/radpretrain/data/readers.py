@@ -217,19 +217,10 @@ def _parses_as_dicom(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- DICOM
 
-_HASH_HEADS: dict = {}  # (dtype, shape) -> the bytes content_hash starts with
-
-
 def content_hash(arr: np.ndarray) -> str:
     """SHA-256 of decoded pixels (dtype and shape included, so equal bytes of other shapes differ)."""
     a = np.ascontiguousarray(arr)
-    key = (a.dtype.str, a.shape)
-    head = _HASH_HEADS.get(key)
-    if head is None:
-        if len(_HASH_HEADS) > 4096:
-            _HASH_HEADS.clear()
-        head = _HASH_HEADS[key] = f"{a.dtype.str}{a.shape}".encode()
-    h = hashlib.sha256(head)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.data)
     return h.hexdigest()
 
@@ -845,8 +836,6 @@ def _u8_stats(u8: np.ndarray, max_size: int | None) -> dict:
 def _decode(src, *, index, ct_window, mr_percentile, with_hash, kind, dicom_facts=None, max_size=None) -> Decoded:
     stats: dict = {}
     img = affine = None
-    if hasattr(src, "read") and kind in IMAGE_KINDS:  # an open PNG/JPEG/TIFF file (or its bytes in memory)
-        return _decode_image_file(src, kind, with_hash, max_size)
     if isinstance(src, np.ndarray):
         arr = src
         meta = _non_dicom_meta("array", arr)
