@@ -148,6 +148,8 @@ def test_method_clusters_toy_images_by_type(tmp_path):
     assert nmi(body[method.rows], labels) > 0.9
     assert int(method.row_label[5]) == int(labels[list(method.rows).index(5)])
     assert int(method.row_label[0]) == -1  # not a training image
+    # not a module buffer: DDP broadcasts buffers from rank 0 every step (8 bytes per archive image)
+    assert "row_label" not in dict(method.named_buffers()) and "row_label" not in method.state_dict()
 
 
 def test_training_run_reclusters_logs_and_learns(tmp_path):

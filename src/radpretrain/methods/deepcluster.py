@@ -255,7 +255,9 @@ class DeepCluster(PretrainMethod):
         self.labels: np.ndarray | None = None  # cluster of each dataset position
         self.prev_labels: np.ndarray | None = None
         self.rows: np.ndarray | None = None  # store row of each dataset position
-        self.register_buffer("row_label", torch.full((0,), -1, dtype=torch.long), persistent=False)
+        # cluster of each store row; a plain attribute, not a buffer: DDP would re-send a buffer from
+        # rank 0 every step (8 bytes per archive image), and every rank computes the same table anyway
+        self.row_label = torch.full((0,), -1, dtype=torch.long)
         self._clustered_epoch: int | None = None
         self._pending_log: dict | None = None
 
@@ -416,14 +418,17 @@ class DeepCluster(PretrainMethod):
             vals["deepcluster/empty_fixed"] = float(rec["n_empty_fixed"])
             if rec["nmi_prev"] is not None:
                 vals["deepcluster/nmi"] = float(rec["nmi_prev"])
-            self.log_dict(vals, on_step=False, on_epoch=True)
+            # equal on every rank (rank 0 clusters for all): no all-reduce (rank_zero_only), no DDP warning (sync_dist)
+            self.log_dict(vals, on_step=False, on_epoch=True, sync_dist=True, rank_zero_only=True)
             self._pending_log = None
 
     # -- training --------------------------------------------------------------
     def compute_loss(self, batch, batch_idx):
         if self.row_label.numel() == 0:
             self.ensure_clusters()
-        table = self.row_label.to(self.device)
+        if self.row_label.device != self.device:  # moved once, not every step
+            self.row_label = self.row_label.to(self.device)
+        table = self.row_label
         idx = torch.as_tensor(batch["index"], device=self.device).long()
         if int(idx.max()) >= table.numel() or bool((table[idx] < 0).any()):
             raise RuntimeError("DeepCluster: a training image has no cluster (was the dataset changed mid-epoch?)")
