@@ -79,8 +79,20 @@ def test_resume_continues_exactly(ds, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_ddp_two_processes_match_one(ds, tmp_path):
-    """torchrun, 2 CPU processes (gloo), batch 4 each == 1 process, batch 8 (same global batches)."""
+def _slurm_env(rank: int, port: int) -> dict:
+    """What ``srun`` sets for task ``rank`` of a one-node, two-task job (``--ntasks-per-node=2``)."""
+    return {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_NAME": "radpretrain-test",
+            "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port)}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_ddp_two_processes_match_one(ds, tmp_path, launcher):
+    """2 CPU processes (gloo), batch 4 each == 1 process, batch 8 (same global batches).
+
+    Launched by torchrun, or as the two tasks of a SLURM job (the variables srun sets; devices
+    and nodes come from them through ``trainer.devices/num_nodes: auto`` and Lightning's SLURM
+    environment)."""
     common = FAST + ["data.image_size=32", "model.backbone=vit_tiny", "model.patch_size=8", "model.pretrained=none",
                      "augment.enabled=false", "metadata.dropout=0.0", "trainer.max_steps=3", "data.val_fraction=0.0",
                      "trainer.accelerator=cpu", "export.weights=last", "optim.name=sgd", "optim.lr=0.01",
@@ -89,11 +101,30 @@ def test_ddp_two_processes_match_one(ds, tmp_path):
     pretrain("metadata", ds, one, overrides=common + ["data.batch_size=8"])
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RADPRETRAIN_LOGLEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "radpretrain.cli",
-           "pretrain", "--method", "metadata", "--data", str(ds), "--out", str(two), *common, "data.batch_size=4"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "MEMBER: 2/2" in p.stderr and "distributed_backend=gloo" in p.stderr, p.stderr[-2000:]
+    args = ["-m", "radpretrain.cli", "pretrain", "--method", "metadata", "--data", str(ds), "--out", str(two),
+            *common, "data.batch_size=4"]
+    if launcher == "torchrun":
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        err = p.stderr
+    else:
+        import socket
+
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, *args], env={**env, **_slurm_env(r, port)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        try:
+            outs = [pr.communicate(timeout=300)[0] for pr in procs]
+        finally:
+            for pr in procs:
+                pr.kill()
+        assert [pr.returncode for pr in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        err = "".join(outs)
+        assert "SLURM auto-requeueing enabled" in err, err[-2000:]  # Lightning took the SLURM environment
+    assert "MEMBER: 2/2" in err and "distributed_backend=gloo" in err, err[-2000:]
     wa, wb = load_file(one / "encoder.safetensors"), load_file(two / "encoder.safetensors")
     diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
