@@ -56,6 +56,8 @@ METHOD_PAPERS = {
                     "Caron et al., Deep Clustering for Unsupervised Learning of Visual Features, ECCV 2018 (arXiv:1807.05520)"),
     "genesis": ("Models Genesis (image restoration)",
                 "Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, MICCAI 2019 (arXiv:1908.06912)"),
+    "dino": ("DINO (self-distillation, teacher exported)",
+             "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021 (arXiv:2104.14294)"),
     "simclr": ("SimCLR (contrastive)",
                "Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020 (arXiv:2002.05709)"),
     "metadata": ("Supervised pretraining on routine metadata (body part, view, age)",

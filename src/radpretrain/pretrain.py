@@ -762,6 +762,6 @@ def export_encoder(model, trainer, cfg, run_dir: Path) -> Path:
     for c in trainer.callbacks:
         if getattr(c, "monitor", None) == "val/loss" and getattr(c, "best_model_score", None) is not None:
             meta["training"]["best_val_loss"] = float(c.best_model_score)
-    path = save_encoder(model.encoder, meta, run_dir)
+    path = save_encoder(model.export_encoder_module(), meta, run_dir)  # after best.ckpt was loaded
     log.info("encoder written: %s", path)
     return path

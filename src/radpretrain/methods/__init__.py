@@ -12,6 +12,7 @@ from radpretrain.methods.base import METHODS, PretrainMethod, register
 METHOD_MODULES = {
     "mae": "radpretrain.methods.mae",
     "deepcluster": "radpretrain.methods.deepcluster",
+    "dino": "radpretrain.methods.dino",
     "genesis": "radpretrain.methods.genesis",
     "metadata": "radpretrain.methods.metadata",
     "simclr": "radpretrain.methods.simclr",

@@ -20,6 +20,8 @@ Hooks a method may override (all optional except ``training_step``):
 - ``on_train_epoch_start()``: e.g. DeepCluster's feature extraction + k-means.
 - ``save_previews(batch, out_dir)``: a few PNGs a person would look at.
 - ``encoder_meta()``: what ``encoder.json`` records besides the engine's fields.
+- ``export_encoder_module()``: the module written to ``encoder.safetensors`` (default
+  ``self.encoder``; DINO: its teacher backbone).
 
 Optional helpers added for the engine (the hooks above are unchanged):
 
@@ -148,6 +150,10 @@ class PretrainMethod(L.LightningModule):
 
     def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
         return []
+
+    def export_encoder_module(self) -> nn.Module:
+        """The module whose weights the engine exports: ``self.encoder`` unless a method keeps another."""
+        return self.encoder
 
     def encoder_meta(self) -> dict:
         return {

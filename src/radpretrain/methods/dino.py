@@ -1,0 +1,173 @@
+"""DINO: self-distillation with no labels, a student matching an EMA teacher across crops.
+
+Caron, Touvron, Misra, Jégou, Mairal, Bojanowski, Joulin: *Emerging Properties in
+Self-Supervised Vision Transformers*, ICCV 2021.  A student (timm backbone + lightly's
+``DINOProjectionHead``) sees 2 global and ``dino.n_local`` small local views of each
+image; a teacher of the same shape sees the global views only, and the student is
+trained to give the teacher's output distribution for every other view (lightly's
+``DINOLoss``: the teacher's outputs are centred and sharpened, its temperature warmed
+up over ``dino.warmup_teacher_temp_epochs``; the centre is averaged across DDP
+processes).  The teacher gets no gradients: after each optimiser step it becomes an
+exponential moving average of the student (lightly's ``update_momentum``), with a
+momentum going from ``dino.momentum_teacher`` to 1 along a cosine over the run's steps
+(lightly's ``cosine_schedule``).  The last layer of the student head is frozen for the
+first ``dino.freeze_last_layer`` epochs, as in the paper.
+
+Views are grey :class:`~radpretrain.methods.simclr.GreyAugment` views (keys under
+``augment.``; local views: ``dino.local_crop_scale`` at ``dino.local_size`` px) drawn
+from the step's seeded generator, so a resumed run sees the same views.
+
+Exported encoder: the *teacher* backbone (DINO evaluates the teacher).  ``self.encoder``
+is the student, the module that trains, which ``model.freeze_bn_stats`` and
+``channels_last`` act on; with ``freeze_bn_stats`` the teacher's BatchNorm layers keep
+their start statistics too, otherwise both run in train mode (batch statistics) as in
+the paper's code.  DINO has no validation loss: its loss is no measure of the features
+(a collapsed model scores low), and the centre update is an all-reduce per batch that
+uneven validation shards would leave unmatched across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radpretrain.config import get
+from radpretrain.errors import UserError
+from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.simclr import GreyAugment
+
+
+@register("dino")
+class DINO(PretrainMethod):
+    """DINO on any timm backbone; config keys under ``dino.`` and ``augment.``."""
+
+    def __init__(self, cfg: dict, store=None):
+        super().__init__(cfg, store)
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
+
+        image_size = int(get(cfg, "data.image_size", 224))
+        self.n_local = int(get(cfg, "dino.n_local", 4))
+        self.local_size = int(get(cfg, "dino.local_size", None) or max(8, image_size // 2))
+        vit_kw = {}
+        if is_vit(resolve_arch(get(cfg, "model.backbone", "resnet18"))):
+            patch = int(get(cfg, "model.patch_size", 16) or 16)
+            if self.n_local and self.local_size % patch:
+                raise UserError(f"dino.local_size={self.local_size} must be a multiple of model.patch_size={patch}")
+            # the student sees global and local views: timm resamples the position embeddings
+            vit_kw = {"img_size": image_size, "patch_size": patch, "dynamic_img_size": True}
+        self.encoder = create_backbone(get(cfg, "model.backbone", "resnet18"), in_chans=1,
+                                       pretrained=get(cfg, "model.pretrained", None),
+                                       **{**vit_kw, **(get(cfg, "model.kwargs", {}) or {})})
+        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        dim = self.encoder.num_features
+        self.output_dim = int(get(cfg, "dino.output_dim", 65536))
+        head_kw = dict(input_dim=dim, hidden_dim=int(get(cfg, "dino.hidden_dim", 2048)),
+                       bottleneck_dim=int(get(cfg, "dino.bottleneck_dim", 256)), output_dim=self.output_dim,
+                       freeze_last_layer=int(get(cfg, "dino.freeze_last_layer", 1)))
+        with warnings.catch_warnings():  # lightly uses torch's older weight_norm (deprecated, still exact)
+            warnings.filterwarnings("ignore", message=r".*weight_norm.* is deprecated", category=FutureWarning)
+            self.head = DINOProjectionHead(**head_kw)
+            # weight_norm modules cannot be deep-copied: build a twin and copy the weights
+            self.teacher_head = DINOProjectionHead(**head_kw)
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        self.teacher = copy.deepcopy(self.encoder)  # keeps radpretrain_arch / radpretrain_kwargs
+        deactivate_requires_grad(self.teacher)
+        deactivate_requires_grad(self.teacher_head)
+
+        self.momentum_teacher = float(get(cfg, "dino.momentum_teacher", 0.996))
+        self.teacher_temp = float(get(cfg, "dino.teacher_temp", 0.04))
+        self.criterion = DINOLoss(output_dim=self.output_dim,
+                                  warmup_teacher_temp=float(get(cfg, "dino.warmup_teacher_temp", self.teacher_temp)),
+                                  teacher_temp=self.teacher_temp,
+                                  warmup_teacher_temp_epochs=int(get(cfg, "dino.warmup_teacher_temp_epochs", 0)),
+                                  student_temp=float(get(cfg, "dino.student_temp", 0.1)),
+                                  center_momentum=float(get(cfg, "dino.center_momentum", 0.9)))
+        aug = dict(get(cfg, "augment", {}) or {})
+        self.augment = GreyAugment.from_config(aug)
+        self.local_augment = GreyAugment.from_config(
+            {**aug, "crop_scale": tuple(get(cfg, "dino.local_crop_scale", (0.05, 0.4))), "view_size": self.local_size})
+
+    @property
+    def has_val_loss(self) -> bool:
+        return False  # see the module docstring
+
+    def views(self, img: torch.Tensor, g: torch.Generator | None) -> tuple[list, list]:
+        """Two global views at the input's size and ``n_local`` local views at ``local_size``."""
+        glob = [self.augment(img, g) for _ in range(2)]
+        return glob, [self.local_augment(img, g) for _ in range(self.n_local)]
+
+    def compute_loss(self, batch, batch_idx):
+        glob, loc = self.views(batch["image"], self.step_generator(batch_idx))
+        b = batch["image"].shape[0]
+        with torch.no_grad():
+            t = self.teacher_head(self.teacher(self.normalize(torch.cat(glob))))
+        # one backbone pass per resolution (BatchNorm statistics per resolution, as in the paper)
+        feats = [self.encoder(self.normalize(torch.cat(v))) for v in (glob, loc) if v]
+        s = self.head(torch.cat(feats))
+        return self.criterion(list(t.split(b)), list(s.split(b)), epoch=self.current_epoch)
+
+    # -- teacher: EMA of the student after each optimiser step ---------------
+    def momentum(self, step: int | None = None) -> float:
+        from lightly.utils.scheduler import cosine_schedule
+
+        step = self.global_step if step is None else int(step)
+        return cosine_schedule(min(step, self._total_steps()), self._total_steps(), self.momentum_teacher, 1.0)
+
+    def _total_steps(self) -> int:
+        hint = getattr(self, "total_steps_hint", None)  # set by the engine, as for the LR schedule
+        if hint:
+            return max(1, int(hint))
+        return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+
+    @torch.no_grad()
+    def update_teacher(self, m: float | None = None) -> None:
+        from lightly.models.utils import update_momentum
+
+        m = self.momentum() if m is None else float(m)
+        update_momentum(self.encoder, self.teacher, m)
+        update_momentum(self.head, self.teacher_head, m)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.update_teacher()
+
+    def on_after_backward(self):
+        self.head.cancel_last_layer_gradients(self.current_epoch)  # no-op after dino.freeze_last_layer epochs
+
+    def _freeze_bn(self) -> None:
+        super()._freeze_bn()
+        if self.freeze_bn_stats:
+            for m in self.teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def export_encoder_module(self) -> nn.Module:
+        return self.teacher
+
+    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
+        img = batch["image"][:8].to(self.device)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(0)
+        with torch.no_grad():
+            glob, loc = self.views(img, g)
+            rows = [img, glob[0]]
+            if loc:  # local views shown at the input's size
+                rows.append(F.interpolate(loc[0], size=img.shape[-2:], mode="nearest"))
+        step = self.global_step if self._trainer is not None else 0
+        return [save_image_grid(rows, Path(out_dir) / f"dino_views_step{step:07d}.png")]
+
+    def encoder_meta(self) -> dict:
+        meta = super().encoder_meta()
+        meta["dino"] = {"exported": "teacher", "output_dim": self.output_dim, "n_local": self.n_local,
+                        "local_size": self.local_size, "teacher_temp": self.teacher_temp,
+                        "momentum_teacher": self.momentum_teacher}
+        return meta
