@@ -12,7 +12,8 @@ list and options (no paths).  A chunk whose manifest exists is done; anything
 else is redone, so a run killed at any moment and started again ends with the
 same manifest as an uninterrupted run.  ``--partition i/N`` processes only
 chunks ``k`` with ``k % N == i - 1``; ``--merge PART... --out DATASET`` joins
-partition stores made from the same archive and options.
+partition stores made from the same archive and options, and finished stores made
+from different file lists with the same key and pixel options (:mod:`.merge`).
 
 Nothing identifying is written or logged: ids are keyed pseudonyms, paths are
 shown as their token unless ``--keep-paths``, and read errors are reason codes.
@@ -78,7 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="files per chunk/shard (default 256)")
     p.add_argument("--keep-paths", action="store_true", help="write relative paths in 'source' and messages (paths can be PHI)")
     p.add_argument("--partition", metavar="i/N", help="process only partition i of N (1 <= i <= N); join with --merge")
-    p.add_argument("--merge", nargs="+", metavar="PART", help="merge partition stores into --out (no SRC)")
+    p.add_argument("--merge", nargs="+", metavar="STORE",
+                   help="merge stores into --out (no SRC): the partitions of one ingest (--partition i/N), or "
+                        "finished stores of different files made with the same de-id key and pixel options "
+                        "(e.g. last year's store and a store of this month's new files); rows are kept in the "
+                        "order given, later copies of the same pixels become duplicates")
     p.add_argument("--nifti-slices", type=int, default=5, help="axial slices sampled per NIfTI volume (default 5)")
     p.add_argument("--nifti-max-per-patient", type=int, default=50, help="cap on NIfTI slices per patient (default 50)")
     p.add_argument("--ct-window", type=float, nargs=2, default=list(I.CT_WINDOW), metavar=("LO", "HI"), help="CT HU window")
@@ -91,7 +96,7 @@ def run(args) -> int:
     out = Path(args.out)
     if args.merge:
         if args.sources:
-            raise UserError("--merge takes partition stores, not SRC folders")
+            raise UserError("--merge takes stores, not SRC folders")
         summary = merge_partitions([Path(p) for p in args.merge], out)
     else:
         if not args.sources:
@@ -102,6 +107,8 @@ def run(args) -> int:
             "modality", "body_part")}
         summary = ingest(args.sources, out, **opts)
     print_summary(summary, out)
+    if summary.get("splits_not_carried"):
+        print(f"  note: splits are not carried over from the merged stores; run 'radpretrain split {out}' on the merged store")
     return 0
 
 
@@ -976,22 +983,32 @@ def print_summary(s: dict, out) -> None:
               "use --patient-id REGEX so splits can group a patient's images")
     if s["inputs"] == 0:
         print("  warning: no image inputs were found (only sidecar files); the store is empty")
+    if s.get("merged_stores"):
+        print(f"  merged from {s['merged_stores']} stores")
     print(f"  written: {Path(out) / 'manifest.parquet'}, {Path(out) / 'qc_summary.json'}")
 
 
 # ----------------------------------------------------------------------------- merge
 
 def merge_partitions(parts: list[Path], out: Path) -> dict:
-    """Join partition stores (same archive, options and key) into ``out``; equal to a single-machine run."""
+    """Join partition stores (same archive, options and key) into ``out``; equal to a single-machine run.
+
+    Stores of different plans (other files) go to :func:`radpretrain.data.merge.merge_stores`.
+    """
     plans = []
     for p in parts:
         pp = p / WORK_DIR / "plan.json"
         if not pp.is_file():
+            if (Path(p) / "manifest.parquet").is_file():
+                raise UserError(f"{p}: no {WORK_DIR}/plan.json, so the options it was made with cannot be "
+                                "checked; only stores made by 'radpretrain ingest' (with their .ingest folder) can be merged")
             raise UserError(f"{p}: not a partition store (no {WORK_DIR}/plan.json)")
         plans.append(read_json(pp))
     fps = {pl["fingerprint"] for pl in plans}
-    if len(fps) != 1:
-        raise UserError(f"{', '.join(map(str, parts))}: made from different files, options or de-id keys; cannot merge")
+    if len(fps) != 1 or any("n_chunks" not in pl for pl in plans):  # other files (or a merged store)
+        from radpretrain.data.merge import merge_stores
+
+        return merge_stores(parts, out)
     n_chunks = plans[0]["n_chunks"]
     out = Path(out)
     if (out / WORK_DIR / "plan.json").is_file():
