@@ -172,6 +172,9 @@ def test_config_errors_are_user_errors(ds, tmp_path):
         pretrain("mae", ds, tmp_path / "none", resume=True)
     with pytest.raises(UserError, match="data.resize"):
         pretrain("mae", ds, tmp_path / "bad", overrides=["data.resize=crop"])
+    for bad in ("two", 0, 1.5):
+        with pytest.raises(UserError, match="trainer.cpu_threads"):
+            pretrain("mae", ds, tmp_path / "bad", overrides=[f"trainer.cpu_threads={bad}"])
 
 
 def test_bucket_batches_reach_mae_and_balance_weights(ds, tmp_path):
@@ -282,3 +285,17 @@ def test_channels_last_trains_the_same_and_exports_plain_weights(ds, tmp_path):
         assert torch.allclose(model(x), ref(x), atol=1e-2)
     with pytest.raises(UserError, match="trainer.channels_last"):
         pretrain("simclr", ds, tmp_path / "bad", overrides=[*common, "trainer.channels_last=maybe"])
+
+
+def test_cpu_threads_auto_sets_one_thread_per_idle_core(ds, tmp_path):
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        pretrain("mae", ds, run, overrides=[o for o in TINY_MAE if not o.startswith("trainer.cpu_threads")]
+                 + ["trainer.cpu_threads=auto", "trainer.max_steps=1"])
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert 1 <= torch.get_num_threads() <= usable
+        log = (run / "logs" / "pretrain.log").read_text()
+        assert f"cpu threads: {torch.get_num_threads()} (trainer.cpu_threads=auto;" in log
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ DEFAULT_CONFIG = {"simclr": "simclr_local"}
 # The CPU preset shortened to fit the demo's 10-minute budget on 2 cores (300 steps of batch 32
 # take about 4.5 min with channels_last); one intra-op thread was about twice as fast as two
 # beside a data-loader worker on the 2-core reference machine.
-DEMO_PRETRAIN_OVERRIDES = ("trainer.max_steps=300", "trainer.cpu_threads=1")
+DEMO_PRETRAIN_OVERRIDES = ("trainer.max_steps=300", "trainer.cpu_threads=auto")
 DEFAULT_TARGET = "lesion"
 
 

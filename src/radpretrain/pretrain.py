@@ -92,7 +92,7 @@ DEFAULTS: dict = {
         "sync_batchnorm": False,
         "channels_last": "auto",   # NHWC weights: auto = on for depthwise CNNs on CPU, for CNNs on GPUs
         "deterministic": False,
-        "cpu_threads": None,       # torch.set_num_threads (1 is fastest on a busy shared CPU)
+        "cpu_threads": None,       # torch.set_num_threads; auto = one per idle core (1 is fastest on a busy CPU)
     },
     "early_stopping": {"patience": None, "min_delta": 0.0},
     "previews": {"every_n_epochs": 1, "n": 8},
@@ -152,6 +152,9 @@ def _check_config(cfg: dict) -> None:
     t = cfg["trainer"]
     if not isinstance(t.get("channels_last", "auto"), bool) and str(t.get("channels_last")).lower() != "auto":
         raise UserError(f"trainer.channels_last={t.get('channels_last')!r}: choose auto, true or false")
+    th = t.get("cpu_threads")
+    if th not in (None, "auto") and (isinstance(th, bool) or not isinstance(th, int) or th < 1):
+        raise UserError(f"trainer.cpu_threads={th!r}: a positive integer, auto (one per idle core) or null (torch's default)")
     if not isinstance(get(cfg, "model.freeze_bn_stats", False), bool):
         raise UserError(f"model.freeze_bn_stats={get(cfg, 'model.freeze_bn_stats')!r}: choose true or false")
     if (t["max_steps"] in (None, -1)) and (t["max_epochs"] in (None, -1)):
@@ -598,7 +601,13 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
             raise UserError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new --out")
         cfg = resolve_config(method, config, overrides, data)
     _check_config(cfg)
-    threads = get(cfg, "trainer.cpu_threads")
+    threads, threads_note = get(cfg, "trainer.cpu_threads"), None
+    if threads == "auto":  # one thread per idle core, measured now (logged below, into the run's log)
+        from radpretrain.utils import auto_cpu_threads
+
+        threads, idle = auto_cpu_threads()
+        threads_note = (f"cpu threads: {threads} (trainer.cpu_threads=auto; "
+                        f"{'unknown' if idle is None else f'{idle:.1f}'} cores idle)")
     if threads:
         torch.set_num_threads(int(threads))
     store = Store(cfg["data"]["root"])
@@ -626,6 +635,8 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
         log.info("method %s, encoder %s %s, %d train / %d val images, input mean %.4f std %.4f (%s)",
                  method, model.arch, model.model_kwargs, len(train_rows), len(val_rows), d["mean"], d["std"],
                  stats_source)
+        if threads_note:
+            log.info(threads_note)
         use_val = len(val_rows) > 0 and model.has_val_loss
         trainer = _build_trainer(cfg, run_dir, model, use_val, callbacks, store, train_rows, val_rows)
         model.total_steps_hint = total_steps(cfg, len(train_rows), trainer.world_size)

@@ -81,3 +81,36 @@ def add_file_log(path: str | Path) -> logging.Handler:
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("radpretrain").addHandler(h)
     return h
+
+
+def idle_cpus(window: float = 0.5) -> float | None:
+    """How many CPU cores were idle over the next ``window`` seconds (Linux ``/proc/stat``); None if unknown."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return vals[3] + vals[4], sum(vals)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def auto_cpu_threads(window: float = 0.5) -> tuple[int, float | None]:
+    """(intra-op threads, idle cores): one per core idle now, at least 1, at most the cores this process may use.
+
+    Threads beyond the idle cores make torch's threads wait on each other (a step can get several
+    times slower on a shared machine), so a core counts only when at least 80 % of it is idle.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = idle_cpus(window)
+    if idle is None:
+        return usable, None
+    return max(1, min(usable, int(idle + 0.2))), idle
