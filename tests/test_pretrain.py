@@ -297,5 +297,6 @@ def test_cpu_threads_auto_sets_one_thread_per_idle_core(ds, tmp_path):
         assert 1 <= torch.get_num_threads() <= usable
         log = (run / "logs" / "pretrain.log").read_text()
         assert f"cpu threads: {torch.get_num_threads()} (trainer.cpu_threads=auto;" in log
+        assert f"cpu_threads: {torch.get_num_threads()}\n" in (run / "config.yaml").read_text()  # what ran
     finally:
         torch.set_num_threads(before)

@@ -606,6 +606,7 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
         from radpretrain.utils import auto_cpu_threads
 
         threads, idle = auto_cpu_threads()
+        cfg["trainer"]["cpu_threads"] = threads  # config.yaml records what ran: a rerun or --resume repeats it
         threads_note = (f"cpu threads: {threads} (trainer.cpu_threads=auto; "
                         f"{'unknown' if idle is None else f'{idle:.1f}'} cores idle)")
     if threads:

@@ -322,6 +322,8 @@ def run(args) -> int:
         "store_stats": {"mean": store_stats[0], "std": store_stats[1]},
         "headline": _headline(results, comparisons, task),
         "versions": package_versions(), "seconds": round(time.time() - t_start, 1),
+        # the summation order (and so the last digits, which can tip a probe) depends on it
+        "torch_threads": torch.get_num_threads(),
     }
     write_json(out / "summary.json", summary)
     if not args.quiet_report:

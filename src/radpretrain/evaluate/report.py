@@ -294,7 +294,7 @@ def setup_items(summary: dict) -> list[tuple[str, str]]:
         ("protocols", ", ".join(s["protocols"]) + "; hyper-parameters chosen on validation only"),
         ("statistics", f"95 % CIs: percentile bootstrap over patients ({s['options'].get('n_boot')} resamples); "
                        "Δ: paired bootstrap over patients; DeLong: image-level, binary AUC"),
-        ("seed / class balance", f"{s['seed']} / {s['balance']}"),
+        ("seed / class balance / CPU threads", f"{s['seed']} / {s['balance']} / {s.get('torch_threads', 'not recorded')}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v != "not installed")),
         ("run time", f"{s.get('seconds', 0):.0f} s"),
     ]
