@@ -23,9 +23,9 @@ DEFAULT_METHOD = "simclr"
 # The synthetic target is a small focal lesion: the SimCLR preset with local shared views kept the
 # most lesion information on a separate validation archive (docs/benchmarks.md); --config overrides.
 DEFAULT_CONFIG = {"simclr": "simclr_local"}
-# The CPU preset shortened to fit the demo's 10-minute budget on 2 cores (300 steps of batch 32
-# take about 4.5 min with channels_last); one intra-op thread was about twice as fast as two
-# beside a data-loader worker on the 2-core reference machine.
+# The CPU preset shortened to fit the demo's 10-minute budget on 2 cores (300 steps of batch 32:
+# about 3 min on two idle cores, 4.5 min on one); threads: one per core idle at the start (two
+# threads on a core another job holds are several times slower than one).
 DEMO_PRETRAIN_OVERRIDES = ("trainer.max_steps=300", "trainer.cpu_threads=auto")
 DEFAULT_TARGET = "lesion"
 
