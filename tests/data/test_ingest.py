@@ -488,3 +488,25 @@ def test_a_pending_chunk_is_done_only_once_committed(tmp_path, monkeypatch):
     assert not list(out.rglob("*.tmp"))
     for a, b in zip(sorted((ref / "shards").iterdir()), sorted((out / "shards").iterdir())):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_linked_folders_are_scanned_once(tmp_path, caplog):
+    """An archive assembled from folder links is ingested whole; a loop or a second link adds nothing."""
+    from radpretrain.data.ingest import scan_sources
+
+    elsewhere = tmp_path / "elsewhere" / "knee"
+    elsewhere.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)).save(elsewhere / f"{i}.png")
+    src = tmp_path / "archive"
+    (src / "hand").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 48), dtype=np.uint8)).save(src / "hand" / "h.png")
+    os.symlink(elsewhere, src / "knee")                 # the linked folder: must be scanned
+    os.symlink(elsewhere, src / "knee_again")           # a second link to it: not scanned twice
+    os.symlink(src, src / "hand" / "loop")              # a loop back to the root: not followed
+    with caplog.at_level("WARNING", logger="radpretrain.data.ingest"):
+        files, _ = scan_sources([src])
+    assert [rel for _, rel in files] == ["hand/h.png", "knee/0.png", "knee/1.png", "knee/2.png"]
+    assert "2 linked folder(s) not scanned" in caplog.text and str(tmp_path) not in caplog.text  # no paths
+    summary = ingest([src], tmp_path / "ds", workers=1, progress=False)
+    assert summary["inputs"] == 4 and summary["ingested"] == 4

@@ -117,6 +117,8 @@ def run(args) -> int:
 def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
     """Sorted (absolute path, relative path) of every non-hidden file, and each file's source-root-relative path.
 
+    Linked folders are followed (each target once), so an archive assembled from links is scanned whole.
+
     With several sources the relative path is prefixed by the source's name.
     """
     roots = [Path(s) for s in sources]
@@ -126,22 +128,57 @@ def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
     names = [r.name for r in roots]
     if len(roots) > 1 and len(set(names)) != len(names):
         raise UserError("two sources share a folder name; give them distinct names or ingest them separately")
-    files = []
+    files, repeated = [], 0
     for r in roots:
         prefix = f"{r.name}/" if len(roots) > 1 else ""
         if r.is_file():
             files.append((os.path.abspath(r), prefix + r.name, r.name))
             continue
         top = os.path.abspath(r)
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: links are followed once
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            seen.add(_dir_key(dirpath))
+            dirnames[:], n = _walk_into(dirpath, dirnames, seen)
+            repeated += n
             reldir = os.path.relpath(dirpath, top)
             reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
             joined = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join(dirpath, fn)
             rel_prefix = prefix + reldir
             files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames if not fn.startswith("."))
+    if repeated:  # no paths: they may carry PHI
+        log.warning("%d linked folder(s) not scanned: each links to a folder scanned already (a loop, or a "
+                    "second link to one folder)", repeated)
     files.sort(key=itemgetter(1))
     return [(a, b) for a, b, _ in files], [c for _, _, c in files]
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_into(dirpath: str, dirnames: list[str], seen: set) -> tuple[list[str], int]:
+    """(sub-folders of ``dirpath`` to walk: sorted, not hidden, (number of linked folders left out)).
+
+    A linked folder is walked only when its target was not walked yet: a loop, or a second link to
+    one folder, would list the same files again.
+    """
+    keep, repeated = [], 0
+    for d in sorted(dirnames):
+        if d.startswith("."):
+            continue
+        full = os.path.join(dirpath, d)
+        if os.path.islink(full):
+            try:
+                key = _dir_key(full)
+            except OSError:  # vanished meanwhile
+                continue
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)  # a second link in this same folder is caught too
+        keep.append(d)
+    return keep, repeated
 
 
 def _ext(rel: str) -> str:
