@@ -164,18 +164,23 @@ class PretrainMethod(L.LightningModule):
         }
 
     # -- optimisation: AdamW/SGD + linear warm-up then cosine, per step -----
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run (schedules: learning rate, DINO's teacher momentum).
+
+        The engine sets ``total_steps_hint`` (no early data loading, which would break exact
+        mid-epoch resume); otherwise Lightning's estimate, or 1 outside a trainer.
+        """
+        hint = getattr(self, "total_steps_hint", None)
+        if hint:
+            return max(1, int(hint))
+        return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+
     def configure_optimizers(self):
         from radpretrain.config import get
 
         opt_cfg = self.cfg.get("optim", {})
         opt = make_optimizer([p for p in self.parameters() if p.requires_grad], opt_cfg)
-        # The engine sets ``total_steps_hint`` (no early data loading, which would break exact
-        # mid-epoch resume); otherwise ask Lightning.
-        hint = getattr(self, "total_steps_hint", None)
-        if hint:
-            total = max(1, int(hint))
-        else:
-            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        total = self.total_steps()
         warm = int(opt_cfg.get("warmup_steps", 0)) or int(float(opt_cfg.get("warmup_fraction", 0.05)) * total)
         min_ratio = float(get(self.cfg, "optim.min_lr_ratio", 0.01))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total, min_ratio))

@@ -120,13 +120,8 @@ class DINO(PretrainMethod):
         from lightly.utils.scheduler import cosine_schedule
 
         step = self.global_step if step is None else int(step)
-        return cosine_schedule(min(step, self._total_steps()), self._total_steps(), self.momentum_teacher, 1.0)
-
-    def _total_steps(self) -> int:
-        hint = getattr(self, "total_steps_hint", None)  # set by the engine, as for the LR schedule
-        if hint:
-            return max(1, int(hint))
-        return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        total = self.total_steps()
+        return cosine_schedule(min(step, total), total, self.momentum_teacher, 1.0)
 
     @torch.no_grad()
     def update_teacher(self, m: float | None = None) -> None:
