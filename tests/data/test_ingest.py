@@ -380,7 +380,7 @@ def _radiograph_dicom(path, arr, transfer_syntax=None, **extra):
 
 def test_large_images_stored_as_load_stored_and_duplicates_are_equal_stored_pixels(tmp_path):
     """Large radiographs are shrunk raw-first (block means, then the window): the store holds exactly
-    readers.load_stored's pixels.  content_hash is the SHA-256 of those stored pixels, so the same image in
+    readers.load_stored's pixels.  content_hash is the hash of those stored pixels, so the same image in
     another encoding is a duplicate, a one-pixel change that shows in the stored image is not, and one that
     vanishes in it (a background pixel, clipped by the window, one raw unit brighter) is."""
     from pydicom.uid import RLELossless
@@ -418,7 +418,7 @@ def test_large_images_stored_as_load_stored_and_duplicates_are_equal_stored_pixe
         assert row["content_hash"] == R.content_hash(img)  # checkable from the store itself
     assert (df.loc[["a.dcm"], ["orig_height", "orig_width"]].to_numpy() == [[1300, 1000]]).all()
     meta = json.loads((out / "store.json").read_text())
-    assert meta["content_hash"] == "sha256-of-stored-pixels" and meta["resize"]
+    assert meta["content_hash"] == "xxh3-128-of-stored-pixels" and meta["resize"]
 
 
 def test_shard_writer_gathers_images_and_copies_what_the_caller_may_change(tmp_path):
@@ -510,3 +510,54 @@ def test_linked_folders_are_scanned_once(tmp_path, caplog):
     assert "2 linked folder(s) not scanned" in caplog.text and str(tmp_path) not in caplog.text  # no paths
     summary = ingest([src], tmp_path / "ds", workers=1, progress=False)
     assert summary["inputs"] == 4 and summary["ingested"] == 4
+
+
+def test_a_chunk_makes_image_rows_after_decoding_them_all_in_order(tmp_path, monkeypatch):
+    """A chunk decodes and stores its PNG/JPEG files first and makes their rows after the loop: the
+    manifest and shard equal the file-by-file path's (the isolated path), row for row, with DICOM files,
+    a sidecar and every kind of failed image between them, and each failure keeps its own facts."""
+    import functools
+
+    from radpretrain.data import ingest as G
+    from radpretrain.data import readers
+
+    src = tmp_path / "src" / "knee_ap"
+    _png_tree(src, {"a.png": 1, "f.png": 2, "i.jpg": 3})
+    Image.fromarray(np.full((48, 40), 90, np.uint8)).save(src / "c_blank.png")
+    Image.fromarray(np.zeros((10, 12), np.uint8) + np.arange(12, dtype=np.uint8)).save(src / "d_small.png")
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(src / "e_rgb.png")
+    jpeg = (src / "i.jpg").read_bytes()
+    (src / "b_cut.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # truncated
+    (src / "h_raises.png").write_bytes((src / "f.png").read_bytes()[:-1] + b"!")  # the decoder below raises on it
+    _radiograph_dicom(src / "g.dcm", np.random.default_rng(6).integers(0, 4095, (64, 48)).astype(np.uint16))
+    (src / "notes.txt").write_text("a sidecar")
+    real = readers.read_pil
+
+    def read_pil(f, kind=None):
+        data = f.getvalue() if hasattr(f, "getvalue") else Path(f).read_bytes()
+        if data.endswith(b"!"):
+            raise RuntimeError("an unexpected decoder error")
+        return real(f, kind)
+
+    monkeypatch.setattr(readers, "read_pil", read_pil)
+    runs = {}
+    for name in ("batched", "file_by_file"):
+        if name == "file_by_file":
+            monkeypatch.setattr(G, "process_chunk", functools.partial(G.process_chunk, isolate=True))
+        out = tmp_path / name
+        ingest([tmp_path / "src"], out, workers=1, progress=False, keep_paths=True, chunk_size=100)
+        runs[name] = (pd.read_parquet(out / "manifest.parquet"), (out / "shards" / "chunk-000000.bin").read_bytes())
+    (df, shard), (df_ref, shard_ref) = runs["batched"], runs["file_by_file"]
+    pd.testing.assert_frame_equal(df, df_ref)
+    assert shard == shard_ref
+    got = df.set_index("source")[["status", "reason", "modality", "body_part", "view", "offset"]]
+    assert got.loc["knee_ap/b_cut.jpg", ["status", "reason", "modality"]].tolist() == ["quarantined", "decode_error", "OT"]
+    assert got.loc["knee_ap/h_raises.png", ["status", "reason", "modality"]].tolist() == ["quarantined", "decode_error", "OT"]
+    assert got.loc["knee_ap/c_blank.png", ["status", "reason", "modality", "body_part"]].tolist() == ["quarantined", "blank", "XR", "knee"]
+    assert got.loc["knee_ap/d_small.png", ["status", "reason"]].tolist() == ["quarantined", "too_small"]
+    assert got.loc["knee_ap/g.dcm", ["status", "modality"]].tolist() == ["ingested", "DX"]
+    ok = got[got["status"] == "ingested"]
+    assert ok.index.tolist() == ["knee_ap/a.png", "knee_ap/e_rgb.png", "knee_ap/f.png", "knee_ap/g.dcm", "knee_ap/i.jpg"]
+    assert (ok.loc[ok.index != "knee_ap/g.dcm", ["modality", "body_part", "view"]] == ["XR", "knee", "AP"]).all().all()
+    assert ok["offset"].tolist() == np.cumsum([0, 48 * 40, 40 * 50, 48 * 40, 64 * 48]).tolist()  # stored in file order
+    assert len(df) == 9  # every input but the sidecar has a row

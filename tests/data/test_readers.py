@@ -440,11 +440,18 @@ def test_8bit_statistics_shortcut_gives_the_same_decoded_image(tmp_path, case):
     assert quick.meta == full.meta
 
 
-def test_content_hash_is_sha256_of_dtype_shape_and_bytes():
-    import hashlib
+def test_content_hash_is_xxh3_128_of_dtype_shape_and_bytes():
+    import xxhash
 
+    seen = set()
     for a in (np.arange(12, dtype=np.uint8).reshape(3, 4), np.arange(12, dtype=np.uint8).reshape(4, 3),
               np.arange(12, dtype=np.uint16).reshape(3, 4), np.arange(12, dtype=np.uint8).reshape(4, 3).T):
-        want = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes()).hexdigest()
-        assert R.content_hash(a) == want == R.content_hash(a.copy())
+        want = xxhash.xxh3_128_hexdigest(f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+        assert R.content_hash(a) == want == R.content_hash(a.copy()) and len(want) == 32
+        seen.add(want)
+    assert len(seen) == 4  # same bytes in another shape or dtype, or another layout: another hash
     assert R.content_hash(np.zeros((3, 4), np.uint8)) != R.content_hash(np.zeros((4, 3), np.uint8))
+    b = np.zeros((224, 224), np.uint8)
+    c = b.copy()
+    c[111, 37] = 1  # one pixel one grey level brighter
+    assert R.content_hash(b) != R.content_hash(c)

@@ -59,7 +59,7 @@ _INTERNAL = ["_file", "_item", "_pid_source"]
 MAX_AUTO_CLASSES = 50
 _CLASS_NAME = re.compile(r"[A-Za-z0-9 _+.\-]{1,32}")
 _ID_LIKE = re.compile(r"\d{5,}|\^")  # ids, dates, DICOM person names: not class names
-CONTENT_HASH = "sha256-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
+CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
 _PHI_COLUMN = re.compile(r"name|birth|\bdob\b|accession|\bmrn\b|address|phone|email|patient|physician", re.I)
 
 
@@ -273,23 +273,13 @@ _CFG: dict = {}
 
 
 def _init_worker(cfg):
-    global _CFG, _THREAD_LIMIT
+    # No thread limits are set (threadpoolctl): a worker runs nothing multi-threaded (colour-to-grey's
+    # matmul on an H x W x 3 image starts no BLAS thread: checked in a forked process up to 3000 x 4000
+    # and 100 x 20000), while setting OpenBLAS's thread count in a forked process starts a BLAS thread
+    # that spins for ~0.13 s of CPU before it sleeps (measured), per worker, or in the parent when its
+    # limit is restored after the pool: a cost a seconds-long ingest felt.
+    global _CFG
     _CFG = cfg
-    # a pool worker: one thread each (no BLAS/OpenMP oversubscription); forked workers inherit the parent's limit
-    if cfg.get("parent_pid") is not None and not cfg.get("threads_limited"):
-        _THREAD_LIMIT = _limit_threads()
-
-
-def _limit_threads():
-    """BLAS/OpenMP limited to one thread (a threadpoolctl limiter to restore), or None without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: numpy then keeps its default
-        return None
-    return threadpool_limits(1)
-
-
-_THREAD_LIMIT = None
 
 
 _NAN = float("nan")
@@ -388,9 +378,8 @@ def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
     start, stop = k * cfg["chunk_size"], min((k + 1) * cfg["chunk_size"], len(files))
     pseudo = _pseudonymizer(cfg["key"])
     shard_path, parquet_path, stats_path = _chunk_paths(out, k)
-    rows, sidecars = [], 0
+    slots, sidecars = [], 0  # per file, in order: its rows, or an image file's facts to make its row from
     parent = cfg.get("parent_pid")
-    step = _process_file_isolated if isolate else _process_file
     shard_name = shard_path.name
     writer = ShardWriter(shard_path)
     try:
@@ -398,15 +387,30 @@ def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
             if parent is not None and os.getppid() != parent:  # orphaned by a killed parent: commit nothing
                 raise SystemExit(1)
             full, rel = files[i]
-            new_rows, is_sidecar = step(i, full, rel, root_rels[i], cfg, pseudo, writer, shard_name)
+            if isolate:
+                new_rows, is_sidecar = _process_file_isolated(i, full, rel, root_rels[i], cfg, pseudo, writer,
+                                                              shard_name)
+            else:
+                kind, data = _open_and_sniff(full)
+                if data is not None:  # PNG/JPEG/TIFF: decoded and stored now, its row made after the loop
+                    slots.append((i, rel, root_rels[i], kind, _image_file_facts(kind, data, cfg, writer, shard_name)))
+                    continue
+                new_rows, is_sidecar = _process_file(i, full, rel, root_rels[i], cfg, pseudo, writer, shard_name,
+                                                     sniffed=(kind, data))
             sidecars += is_sidecar
-            rows.extend(new_rows)
+            slots.append(new_rows)
         writer.close(commit=commit)
     except BaseException:
         writer.abort()
         raise
     tmp = parquet_path.with_name(f".{parquet_path.name}.{os.getpid()}.tmp")
     try:
+        rows = []
+        for slot in slots:
+            if isinstance(slot, list):
+                rows.extend(slot)
+            else:
+                rows.append(_image_file_row_from(*slot, cfg, pseudo))
         write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
         table = _write_rows(rows, tmp)
     except BaseException:
@@ -572,32 +576,58 @@ def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
         os.close(fd)
 
 
-def _image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name) -> dict:
-    """The row of one PNG/JPEG/TIFF file (``data``: its bytes): what :func:`_process_file`'s general
-    path makes of it, with only the steps such a file needs."""
-    row = _base_row(i, rel, root_rel, cfg, pseudo, kind, 0, (i, 0))
+def _image_file_facts(kind, data, cfg, writer, shard_name) -> dict:
+    """First half of a PNG/JPEG/TIFF file's row (``data``: its bytes): decode, QC and store it; the row
+    fields this sets (``_decoded``: the decoder succeeded; ``_error``: an unexpected exception's type).
+
+    Split from :func:`_image_file_row` so that a chunk can decode all its files in one tight loop and
+    make their rows (pseudonyms, path facts) in another: alternating the two per file cost ~30 µs per
+    file more, the decoder having pushed the row code out of the CPU caches each time.
+    """
+    facts: dict = {}
     try:
         dec = R.load_image(io.BytesIO(data), kind=kind, decoded=True, max_size=cfg["max_size"])
+        facts["_decoded"] = True
+        _store_image(facts, dec, cfg, writer, shard_name)
+    except R.ReadError as e:
+        facts["reason"] = e.reason
+    except MemoryError:
+        facts["reason"] = "too_large"
+    except Exception as e:  # one bad file never stops the run; no message text (it may quote header values)
+        facts["reason"] = "decode_error"
+        facts["_error"] = type(e).__name__
+    return facts
+
+
+def _image_file_row_from(i, rel, root_rel, kind, facts, cfg, pseudo) -> dict:
+    """Second half: the manifest row of an image file from what :func:`_image_file_facts` found."""
+    row = _base_row(i, rel, root_rel, cfg, pseudo, kind, 0, (i, 0))
+    if facts.pop("_decoded", False):
         row["modality"] = cfg["modality"]  # _fill_meta of a non-DICOM image
         body, view = _path_facts(root_rel)
         row["body_part"] = body or cfg.get("body_part") or "unknown"
         row["view"] = view or "unknown"
-        _store_image(row, dec, cfg, writer, shard_name)
-    except R.ReadError as e:
-        row["reason"] = e.reason
-    except MemoryError:
-        row["reason"] = "too_large"
-    except Exception as e:  # one bad file never stops the run; no message text (it may quote header values)
-        row["reason"] = "decode_error"
-        log.debug("file %s: unexpected %s", row["source"], type(e).__name__)
+    if error := facts.pop("_error", None):
+        log.debug("file %s: unexpected %s", row["source"], error)
+    row.update(facts)
     if row["status"] != "ingested":
         row["shard"], row["offset"], row["height"], row["width"] = "", -1, 0, 0
     return row
 
 
-def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
-    """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0)."""
-    kind, data = _open_and_sniff(full)
+def _image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name) -> dict:
+    """The row of one PNG/JPEG/TIFF file (``data``: its bytes): what :func:`_process_file`'s general
+    path makes of it, with only the steps such a file needs."""
+    return _image_file_row_from(i, rel, root_rel, kind, _image_file_facts(kind, data, cfg, writer, shard_name),
+                                cfg, pseudo)
+
+
+def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name, sniffed=None):
+    """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0).
+
+    ``sniffed``: what :func:`_open_and_sniff` gave for the file when the caller called it already.
+    """
+    kind, data = sniffed or _open_and_sniff(full)
     if data is not None:  # a PNG/JPEG/TIFF, read already: the short way
         return [_image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name)], 0
     if kind == "sidecar":
@@ -824,9 +854,7 @@ def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
         else:
             _preimport(files, exts)
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-            forked = ctx.get_start_method() == "fork"
-            worker_cfg = dict(cfg, parent_pid=os.getpid(), threads_limited=forked)
-            limiter = _limit_threads() if forked else None  # set once here, inherited by the forked workers
+            worker_cfg = dict(cfg, parent_pid=os.getpid())
             gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of its heap
             try:
                 with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
@@ -849,8 +877,6 @@ def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
                                 done[k] = (res["table"], res["sidecar_skipped"])
             finally:
                 gc.unfreeze()
-                if limiter is not None:
-                    limiter.restore_original_limits()
             if broken:  # a decoder crashed (or memory ran out): redo the unfinished chunks file by file
                 left = [k for k in todo if not _chunk_paths(Path(cfg["out"]), k)[1].is_file()]
                 log.warning("a worker process died; redoing %d chunk(s) with each file decoded in its own process",

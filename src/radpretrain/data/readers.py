@@ -12,7 +12,6 @@ The ``meta`` dict may hold raw identifiers (``patient_id``, ``study_uid``,
 
 from __future__ import annotations
 
-import hashlib
 import functools
 import logging
 import os
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from radpretrain.data import intensity as I
 
@@ -218,9 +218,14 @@ def _parses_as_dicom(path: Path) -> bool:
 # ----------------------------------------------------------------------------- DICOM
 
 def content_hash(arr: np.ndarray) -> str:
-    """SHA-256 of decoded pixels (dtype and shape included, so equal bytes of other shapes differ)."""
+    """XXH3-128 of decoded pixels (dtype and shape included, so equal bytes of other shapes differ), 32 hex chars.
+
+    Finds duplicate images, nothing more: 128 bits make an accidental collision negligible (about
+    1e-27 for 10^6 images) at ~1.5 µs for a 224 x 224 image (SHA-256 took ~50 µs, 5-10 % of
+    ingesting a small JPEG).  Not a cryptographic hash: it identifies no one and proves nothing.
+    """
     a = np.ascontiguousarray(arr)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h = xxhash.xxh3_128(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.data)
     return h.hexdigest()
 

@@ -93,7 +93,7 @@ def make_toy_store(
                     "view": "AP" if j % 2 == 0 else "LAT", "age_years": age, "sex": sex,
                     "height": h, "width": w, "orig_height": h * 8, "orig_width": w * 8,
                     "source": f"toy{k:012x}", "source_format": "dicom",
-                    "content_hash": f"{k:064x}", "status": "ingested", "reason": "",
+                    "content_hash": f"{k:032x}", "status": "ingested", "reason": "",
                     "shard": "toy-00000.bin", "offset": off, "lesion": int(lesion_of[p]),
                 })
                 k += 1
