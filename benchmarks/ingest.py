@@ -11,8 +11,11 @@ PIL ``np.asarray(Image.open(path))``, full decode, nothing else) over the same f
 number of forked processes, each task the same number of files as an ingest chunk; ingest is the full `radpretrain ingest` (scan, sniff, decode, intensity, hash,
 QC, resize, shard + manifest writes, finalisation).  Target: ingest >= 0.8 x decode bound.  Both
 wall-clock rates and rates per CPU second (this process and its workers; robust when other jobs
-share the machine) are reported.  Timings depend on the machine's load: run it on a quiet machine
-(each figure is the best of --repeat alternated runs).  Prints one JSON line last.
+share the machine) are reported.  Timings depend on the machine's load: run it on a quiet machine.
+After one untimed run of each, decode-bound and ingest runs alternate --repeat times: ``ratio`` is
+the best ingest over the best decode, ``median_pair_ratio`` the median ratio of neighbouring runs (the
+figure least moved by the machine's speed drifting between runs; a single VM's speed moved by ±15 %
+within minutes here).  Prints one JSON line last.
 
     python benchmarks/ingest.py [--quick] [--workers N] [--n-large N] [--n-j2k N] [--limit N] [--repeat N]
                                 [--knee PATH] [--skip-knee] [--only uncompressed,j2k,knee]
@@ -131,26 +134,38 @@ def ingest_rate(src: Path, out: Path, workers: int, n_expected: int, **kw) -> tu
     return (summary["inputs"] / dt, summary["inputs"] / cpu), summary
 
 
-def best_of(repeat: int, decode, ingest) -> tuple[float, float, dict]:
-    """Alternate decode-bound and ingest runs; keep the best of each (the machine may be shared)."""
-    dec, ing, summary = (0.0, 0.0), (0.0, 0.0), {}
+def best_of(repeat: int, decode, ingest, warmup: bool = False) -> tuple[float, float, dict, list]:
+    """Alternate decode-bound and ingest runs; keep the best of each (the machine may be shared), and
+    the wall-clock ratio of each pair of neighbouring runs (robust to the machine's speed drifting).
+
+    ``warmup``: one untimed run of each first (one-time costs: the first ingest in a process imports
+    pandas/pyarrow/tqdm, ~0.3 s; files into the page cache), so that every pair measures throughput.
+    """
+    if warmup:
+        decode()
+        ingest()
+    dec, ing, summary, pairs = (0.0, 0.0), (0.0, 0.0), {}, []
     for _ in range(repeat):
-        dec = tuple(max(a, b) for a, b in zip(dec, decode()))
+        d = decode()
         rate, summary = ingest()
+        pairs.append(rate[0] / d[0])
+        dec = tuple(max(a, b) for a, b in zip(dec, d))
         ing = tuple(max(a, b) for a, b in zip(ing, rate))
-    return dec, ing, summary
+    return dec, ing, summary, pairs
 
 
-def _entry(dec, ing, **extra) -> dict:
+def _entry(dec, ing, pairs, **extra) -> dict:
     return {**extra, "decode_img_s": round(dec[0], 2), "ingest_img_s": round(ing[0], 2), "ratio": round(ing[0] / dec[0], 3),
             "decode_img_per_cpu_s": round(dec[1], 2), "ingest_img_per_cpu_s": round(ing[1], 2),
-            "cpu_ratio": round(ing[1] / dec[1], 3)}
+            "cpu_ratio": round(ing[1] / dec[1], 3), "pair_ratios": [round(r, 3) for r in pairs],
+            "median_pair_ratio": round(float(np.median(pairs)), 3)}
 
 
 def _say(name, e) -> None:
     print(f"{name:>20}: decode {e['decode_img_s']:8.2f} img/s, ingest {e['ingest_img_s']:8.2f} img/s, "
           f"ratio {e['ratio']:.2f} (per CPU second: {e['decode_img_per_cpu_s']:.2f} vs "
-          f"{e['ingest_img_per_cpu_s']:.2f}, ratio {e['cpu_ratio']:.2f})", file=sys.stderr)
+          f"{e['ingest_img_per_cpu_s']:.2f}, ratio {e['cpu_ratio']:.2f}); run pairs {e['pair_ratios']}, "
+          f"median {e['median_pair_ratio']:.2f}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -163,12 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--knee", type=Path, default=KNEE)
     ap.add_argument("--skip-knee", action="store_true")
     ap.add_argument("--only", default="uncompressed,j2k,knee", help="cases to run (comma-separated)")
-    ap.add_argument("--repeat", type=int, default=None, help="alternate decode/ingest runs, keep the best (default 2, quick 1; JPEG 2000: 1)")
+    ap.add_argument("--repeat", type=int, default=None, help="alternated decode/ingest run pairs (default 5, quick 1; JPEG 2000: 1)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RADPRETRAIN_DEID_KEY", "benchmark-key-not-secret")
     n_large = args.n_large or (8 if args.quick else 150)
     n_j2k = args.n_j2k or (4 if args.quick else 12)
-    args.repeat = args.repeat or (1 if args.quick else 2)
+    args.repeat = args.repeat or (1 if args.quick else 5)
     only = {c.strip() for c in args.only.split(",") if c.strip()}
     if args.skip_knee:
         only.discard("knee")
@@ -183,9 +198,10 @@ def main(argv=None) -> int:
             src = tmp / name
             paths = make_dicoms(src, n, compressed)
             chunk = max(1, n // (2 * args.workers))
-            dec, ing, _ = best_of(1 if compressed else args.repeat, lambda: decode_bound(paths, args.workers, chunk),
-                                  lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n, chunk_size=chunk))
-            results[name] = _entry(dec, ing, images=n, size=[2560, 2048], bits=12)
+            dec, ing, _, pairs = best_of(1 if compressed else args.repeat, lambda: decode_bound(paths, args.workers, chunk),
+                                         lambda: ingest_rate(src, tmp / f"{name}_ds", args.workers, n, chunk_size=chunk),
+                                         warmup=not compressed and not args.quick)
+            results[name] = _entry(dec, ing, pairs, images=n, size=[2560, 2048], bits=12)
             _say(name, results[name])
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(tmp / f"{name}_ds", ignore_errors=True)
@@ -205,10 +221,11 @@ def main(argv=None) -> int:
                     os.symlink(p, d)
                 files = files[:limit]
             chunk = 256  # ingest's default --chunk-size
-            dec, ing, summary = best_of(args.repeat, lambda: decode_bound(files, args.workers, chunk),
-                                        lambda: ingest_rate(src, tmp / "knee_ds", args.workers, len(files),
-                                                            patient_id=r"([0-9]{7})[LR]", chunk_size=chunk))
-            results["knee_kl"] = _entry(dec, ing, images=len(files), patients=summary["patients"])
+            dec, ing, summary, pairs = best_of(args.repeat, lambda: decode_bound(files, args.workers, chunk),
+                                               lambda: ingest_rate(src, tmp / "knee_ds", args.workers, len(files),
+                                                                   patient_id=r"([0-9]{7})[LR]", chunk_size=chunk),
+                                               warmup=not args.quick)
+            results["knee_kl"] = _entry(dec, ing, pairs, images=len(files), patients=summary["patients"])
             _say("knee_kl", results["knee_kl"])
     results["load_avg_end"] = os.getloadavg()[0]
     results["target_ratio"] = 0.8
