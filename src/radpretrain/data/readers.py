@@ -220,9 +220,9 @@ def _parses_as_dicom(path: Path) -> bool:
 def content_hash(arr: np.ndarray) -> str:
     """XXH3-128 of decoded pixels (dtype and shape included, so equal bytes of other shapes differ), 32 hex chars.
 
-    Finds duplicate images, nothing more: 128 bits make an accidental collision negligible (about
-    1e-27 for 10^6 images) at ~1.5 µs for a 224 x 224 image (SHA-256 took ~50 µs, 5-10 % of
-    ingesting a small JPEG).  Not a cryptographic hash: it identifies no one and proves nothing.
+    It finds duplicate images: 128 bits make an accidental collision negligible (about 1e-27 for
+    10^6 images) at ~1.5 µs for a 224 x 224 image (SHA-256 took ~50 µs, 5-10 % of ingesting a small
+    JPEG).  It is not a cryptographic hash: do not use it to detect deliberate tampering.
     """
     a = np.ascontiguousarray(arr)
     h = xxhash.xxh3_128(f"{a.dtype.str}{a.shape}".encode())
