@@ -58,3 +58,13 @@ def run_measured(cmd: list[str], interval: float = 0.25, **popen_kwargs) -> dict
     th.join()
     return {"wall_s": round(time.time() - t0, 1), "returncode": rc, "peak_rss_gb": round(peak / 2**30, 2),
             "cpus": os.cpu_count()}
+
+
+def shared_data_dir() -> Path:
+    """The shared real-radiograph folder: ``../shared/data`` beside the repository checkout.
+
+    ``RADPRETRAIN_SHARED_DATA`` overrides it; scripts also take ``--data``.  The folder is never
+    part of the repository (see its README).
+    """
+    env = os.environ.get("RADPRETRAIN_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"

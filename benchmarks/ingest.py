@@ -4,7 +4,7 @@ Datasets:
   (a) synthetic large radiographs (2560 x 2048, 12-bit DICOM), uncompressed (default 150 files, so each
       run lasts seconds) and JPEG 2000 lossless (default 12: its decoder takes ~1.5 s of CPU per file),
       written to a temporary folder by this script; every file has distinct pixels (no duplicates);
-  (b) /work/shared/data/knee-kl (real 224 x 224 JPEGs; fails with a clear message when missing).
+  (b) ../shared/data/knee-kl beside the checkout (real 224 x 224 JPEGs; fails with a clear message when missing).
 
 For each dataset the decode bound is the decoder alone (pydicom ``dcmread(path).pixel_array`` /
 PIL ``np.asarray(Image.open(path))``, full decode, nothing else) over the same files with the same
@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _proc import shared_data_dir
 
-KNEE = Path(os.environ.get("RADPRETRAIN_SHARED_DATA", "/work/shared/data")) / "knee-kl"
+KNEE = shared_data_dir() / "knee-kl"
 
 
 def _smooth_radiograph(rng, h, w):

@@ -1,6 +1,6 @@
 """Transfer benchmark on real knee radiographs: scratch vs ImageNet vs our own pretraining.
 
-Needs the shared data folder ``/work/shared/data/knee-kl`` (Kellgren-Lawrence grades, OAI
+Needs the shared data folder ``../shared/data/knee-kl`` beside the checkout (Kellgren-Lawrence grades, OAI
 images; see its README), which is *not* part of the repository: the script stops with a
 clear message when it is missing (``--data`` points elsewhere).
 
@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path("/work/shared/data/knee-kl")
+from _proc import shared_data_dir
+
+DEFAULT_DATA = shared_data_dir() / "knee-kl"
 
 
 def sh(args: list[str], log: Path) -> float:
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/benchmarks/transfer_knee"),
                    help="working folder (default under runs/, which git ignores)")
     p.add_argument("--quick", action="store_true", help="a few minutes on a 300-image subset (checks the chain)")
-    p.add_argument("--method", default="simclr", help="pretraining method (a configs/<method>_cpu.yaml preset)")
+    p.add_argument("--method", default="simclr", help="pretraining method (its <method>_cpu preset)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="default: 600 (quick: 20)")
     p.add_argument("--image-size", type=int, default=None, help="pretraining and evaluation size (default 128, quick 64)")
     p.add_argument("--folds", type=int, default=None, help="default 5 (quick 3)")
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
 
     if not a.data.is_dir():
         sys.exit(f"transfer_knee: {a.data}: knee-kl data folder not found; this benchmark needs the shared "
-                 "real-radiograph data (see /work/shared/data/README.md) or --data PATH")
+                 "real-radiograph data (../shared/data/README.md beside the checkout) or --data PATH")
     quick = a.quick
     size = a.image_size or (64 if quick else 128)
     steps = a.pretrain_steps or (20 if quick else 600)

@@ -15,3 +15,26 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def _rel_err(a, b) -> float:
+    """``||a - b|| / ||b||`` (Frobenius, in float64): how far two results of different kernels are.
+
+    Results computed by different kernels (NHWC vs NCHW, another batch size, another token
+    count) agree only up to rounding whose size depends on the CPU (oneDNN/BLAS pick AVX2,
+    AVX-512 or AMX code on Intel and AMD machines), so compare them by a relative norm rather
+    than an absolute elementwise tolerance tuned on one CPU.
+    """
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rel_err():
+    """See :func:`_rel_err`."""
+    return _rel_err

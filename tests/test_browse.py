@@ -61,7 +61,7 @@ def setup(tmp_path_factory):
     return tmp, store, enc, emb
 
 
-def test_embed_writes_each_image_once_in_store_order(setup):
+def test_embed_writes_each_image_once_in_store_order(setup, rel_err):
     tmp, store, enc, emb = setup
     ids, X = browse.read_embeddings(emb)
     assert list(ids) == Store(store).images["image_id"].tolist() and len(ids) == 19
@@ -74,12 +74,12 @@ def test_embed_writes_each_image_once_in_store_order(setup):
     model, pre = load_encoder(enc)
     with torch.no_grad():
         ref = model(pre(Store(store).read(7))).numpy()[0]
-    np.testing.assert_allclose(X[7], ref, rtol=1e-4, atol=1e-5)
+    assert rel_err(X[7], ref) < 1e-4  # batch of 4 vs one image: other kernel blocking
     meta_blob = str(pq.read_schema(emb).metadata)
     assert str(tmp) not in meta_blob and PHI not in meta_blob
 
 
-def test_embed_resumes_after_an_interruption(setup, monkeypatch):
+def test_embed_resumes_after_an_interruption(setup, monkeypatch, rel_err):
     tmp, store, enc, emb_full = setup
     out = tmp / "resume" / "emb.parquet"
     browse.embed_store(store, enc, out, batch_size=4, part_size=5, device="cpu", max_parts=2)  # "killed"
@@ -95,7 +95,7 @@ def test_embed_resumes_after_an_interruption(setup, monkeypatch):
     ids, X = browse.read_embeddings(out)
     ids_full, X_full = browse.read_embeddings(emb_full)
     assert list(ids) == list(ids_full) and len(set(ids)) == len(ids)
-    np.testing.assert_allclose(X, X_full, rtol=1e-4, atol=1e-5)
+    assert max(rel_err(X[i], X_full[i]) for i in range(len(X))) < 1e-4
     assert not parts.exists()
     # a rerun with nothing to do leaves the file alone
     written.clear()

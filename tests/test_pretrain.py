@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,7 +88,7 @@ def _slurm_env(rank: int, port: int) -> dict:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
-def test_ddp_two_processes_match_one(ds, tmp_path, launcher):
+def test_ddp_two_processes_match_one(ds, tmp_path, launcher, rel_err):
     """2 CPU processes (gloo), batch 4 each == 1 process, batch 8 (same global batches).
 
     Launched by torchrun, or as the two tasks of a SLURM job (the variables srun sets; devices
@@ -126,11 +127,12 @@ def test_ddp_two_processes_match_one(ds, tmp_path, launcher):
         assert "SLURM auto-requeueing enabled" in err, err[-2000:]  # Lightning took the SLURM environment
     assert "MEMBER: 2/2" in err and "distributed_backend=gloo" in err, err[-2000:]
     wa, wb = load_file(one / "encoder.safetensors"), load_file(two / "encoder.safetensors")
-    diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
-    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # one process with batch 2b vs two with b: other reduction orders, so relative norms per tensor
+    diffs = {k: rel_err(wa[k], wb[k]) for k in wa if wa[k].is_floating_point() and float(wb[k].norm()) > 0}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 3
-    assert torch.allclose(torch.tensor(la.to_numpy()), torch.tensor(lb.to_numpy()), rtol=1e-4), (la, lb)
+    assert rel_err(la.to_numpy(), lb.to_numpy()) < 1e-4, (la, lb)
     assert la.iloc[-1] < la.iloc[0]  # it trained
 
 
@@ -234,12 +236,14 @@ def test_input_stats_follow_the_start_weights(ds, tmp_path):
 def test_every_packaged_preset_resolves():
     import yaml
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    names = sorted(p.stem for p in root.glob("*.yaml"))
+    from radpretrain.config import preset_names, preset_text
+
+    names = preset_names()
     assert {"simclr_cpu", "simclr_local", "mae_cpu", "deepcluster_cpu", "genesis_cpu", "metadata_cpu"} <= set(names)
     for name in names:
-        method = yaml.safe_load((root / f"{name}.yaml").read_text())["method"]
+        method = yaml.safe_load(preset_text(name))["method"]
         cfg = resolve_config(method, config=name)  # unknown keys would raise
+        assert resolve_config(None, config=name) == cfg  # the preset names its method
         assert cfg["method"] == method and cfg["data"]["image_size"] > 0, name
 
 
@@ -261,28 +265,55 @@ def test_freeze_bn_stats_through_the_engine(ds, tmp_path, freeze):
     assert not torch.equal(state["bn1.weight"], torch.ones_like(state["bn1.weight"]))  # the affine part trained
 
 
+class _KeepEncoderState(L.Callback):
+    """A callback keeping a copy of the encoder's weights as they are in memory when fit ends."""
+
+    def __init__(self):
+        self.state = None
+
+    def on_fit_end(self, trainer, module):
+        self.state = {k: v.detach().clone() for k, v in module.export_encoder_module().state_dict().items()}
+
+
 def test_channels_last_trains_the_same_and_exports_plain_weights(ds, tmp_path):
     """tf_efficientnet_lite0 on CPU switches to NHWC weights by default; the run must not change.
 
     SGD and frozen encoder BatchNorm statistics: with batch statistics the gradients of biases
-    that a BatchNorm follows are rounding noise, which Adam would scale up to lr-sized steps."""
+    that a BatchNorm follows are rounding noise, which Adam would scale up to lr-sized steps.
+
+    Tolerances: NHWC and NCHW convolutions add in different orders, and which kernels run
+    depends on the CPU (oneDNN picks AVX2, AVX-512 or AMX code, which differ between Intel and
+    AMD machines).  Three SGD steps carry that rounding into the weights (measured: ~2e-5
+    relative on one Intel Xeon, ~1e-4 absolute on an AMD EPYC), and features of the two runs
+    then differ by ~3e-4 of their norm (Intel).  So losses are compared with rtol 1e-3 and
+    features by relative norm with 1e-2: still far below a real export fault (transposed or
+    wrongly strided weights change the features by O(1) of their norm).  What does not depend on
+    the CPU is checked exactly: the exported file holds exactly the weights in memory, as plain
+    contiguous tensors."""
     common = [*FAST, "model.backbone=tf_efficientnet_lite0", "model.pretrained=imagenet", "model.kwargs={}",
               "data.image_size=32", "trainer.max_steps=3", "export.weights=last", "data.val_fraction=0",
               "model.freeze_bn_stats=true", "optim.name=sgd", "optim.lr=0.001"]
-    runs = {}
+    runs, kept = {}, {}
     for v in ("auto", "false"):
         runs[v] = tmp_path / v
-        pretrain("simclr", ds, runs[v], overrides=[*common, f"trainer.channels_last={v}"])
+        kept[v] = _KeepEncoderState()
+        pretrain("simclr", ds, runs[v], overrides=[*common, f"trainer.channels_last={v}"], callbacks=[kept[v]])
     assert "channels_last memory format on" in (runs["auto"] / "logs" / "pretrain.log").read_text()
     assert "channels_last memory format on" not in (runs["false"] / "logs" / "pretrain.log").read_text()
+    for v in runs:  # the export is exactly what was in memory, as plain contiguous tensors
+        saved = load_file(runs[v] / "encoder.safetensors")
+        assert saved.keys() == kept[v].state.keys()
+        for k, t in saved.items():
+            assert t.is_contiguous() and torch.equal(t, kept[v].state[k]), (v, k)
     a, b = losses(runs["auto"]), losses(runs["false"])
-    assert len(a) == 3 and np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-4, atol=1e-4)
+    assert len(a) == 3 and np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-3, atol=0)
     assert abs(a.iloc[-1] - a.iloc[0]) > 1e-3  # it did train
     model, _ = load_run_encoder(runs["auto"])  # a plain timm rebuild loads the NHWC run's weights
     ref, _ = load_run_encoder(runs["false"])
-    x = torch.rand(2, 1, 32, 32)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(model(x), ref(x), atol=1e-2)
+        fa, fb = model(x), ref(x)
+    assert float((fa - fb).norm() / fb.norm()) < 1e-2
     with pytest.raises(UserError, match="trainer.channels_last"):
         pretrain("simclr", ds, tmp_path / "bad", overrides=[*common, "trainer.channels_last=maybe"])
 

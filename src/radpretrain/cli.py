@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
     try:
         parser, runner = build_parser(name)
-        args = parser.parse_args(rest)
+        args = parser.parse_intermixed_args(rest)  # key=value overrides may come before or after options
         return int(runner(args) or 0)
     except UserError as e:
         print(f"radpretrain {name}: error: {e}", file=sys.stderr)

@@ -96,7 +96,7 @@ def test_missing_offline_weights_is_a_clear_error_fast(tmp_path, monkeypatch):
         create_backbone("resnet18", pretrained=tmp_path / "nope.pth")
 
 
-def test_channels_last_only_where_it_is_faster_and_values_stay():
+def test_channels_last_only_where_it_is_faster_and_values_stay(rel_err):
     lite0, r18, vit = create_backbone("tf_efficientnet_lite0"), create_backbone("resnet18"), create_backbone("vit_tiny")
     assert prefers_channels_last(lite0, "cpu") and prefers_channels_last(lite0, "cuda")  # depthwise convolutions
     assert not prefers_channels_last(r18, "cpu") and prefers_channels_last(r18, "cuda")
@@ -108,4 +108,4 @@ def test_channels_last_only_where_it_is_faster_and_values_stay():
         nhwc = lite0.to(memory_format=torch.channels_last)
         feats = nhwc.forward_features(x)  # NHWC activations inside
         assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
-        assert torch.allclose(nhwc(x), ref, atol=1e-4)
+        assert rel_err(nhwc(x), ref) < 1e-5  # same values up to the kernels' rounding

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from radpretrain.errors import UserError
+from radpretrain.evaluate.options import parse_options
 from radpretrain.utils import get_logger
 
 log = get_logger("evaluate")
@@ -32,20 +33,6 @@ PROTOCOLS = ("linear", "knn", "finetune")
 FORBIDDEN_TARGETS = {"source", "image_id", "patient_id", "study_id", "series_id", "content_hash", "shard",
                      "offset", "status", "reason"}
 MISSING_STRINGS = {"", "unknown", "nan", "none", "na", "n/a"}
-
-OPTION_DEFAULTS = {
-    "linear": {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], "alpha": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0],
-               "max_iter": 3000, "pool": "default"},
-    "knn": {"k": [1, 3, 5, 10, 20, 50], "pool": "default"},
-    "finetune": {"epochs": 10, "lr": 1e-3, "lr_sweep": None, "weight_decay": 1e-4, "batch_size": 32,
-                 "warmup_epochs": 0, "patience": 3, "augment": True, "flip": True, "rotate": 10.0, "crop": 0.1,
-                 "brightness": 0.1, "contrast": 0.1},
-    "state_dict": {"strip_prefix": None, "rename": None, "strict": True, "mean": None, "std": None},
-    "grey": "timm",
-    "val_fraction": "same",
-    "n_boot": 1000,
-    "batch_size": 64,
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,12 +137,6 @@ def resolve_target(images: pd.DataFrame, target: str, task: str, positive: str |
 
 # -- options ----------------------------------------------------------------------------
 
-def parse_options(overrides: list[str]) -> dict:
-    from radpretrain.config import apply_overrides
-
-    return apply_overrides(OPTION_DEFAULTS, overrides, strict=True)
-
-
 def _pools(v) -> list[str]:
     if isinstance(v, (list, tuple)):
         return [str(x) for x in v]
@@ -202,8 +183,6 @@ def run(args) -> int:
     protocols = list(dict.fromkeys(args.protocol or ["linear"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if opts["val_fraction"] not in ("same", "full"):
-        raise UserError(f"val_fraction={opts['val_fraction']}: choose same or full")
     if args.image_size < 16:
         raise UserError(f"--image-size {args.image_size}: too small (at least 16)")
 

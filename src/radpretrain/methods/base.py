@@ -59,6 +59,9 @@ def register(name: str):
 
 class PretrainMethod(L.LightningModule):
     method_name: str = ""
+    # Config sections of the method's own (``{"mae": MAESection}``): dataclasses the YAML and the
+    # overrides are checked against (radpretrain.pretrain.config); may extend ``model``.
+    config_sections: dict[str, type] = {}
     fields: tuple[str, ...] = ()
     reload_dataloaders_every_epoch: bool = False
 

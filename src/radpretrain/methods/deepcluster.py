@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.settings import probability
 from radpretrain.utils import get_logger
 
 log = get_logger("methods.deepcluster")
@@ -222,8 +224,20 @@ def random_resized_crop_flip(x: torch.Tensor, valid: torch.Tensor | None = None,
 
 
 # --------------------------------------------------------------------------- the method
+@dataclass
+class DeepClusterSection:
+    num_clusters: int = field(default=100, metadata={"ge": 2})
+    pca_dim: int = field(default=256, metadata={"ge": 1})
+    kmeans_iters: int = field(default=20, metadata={"ge": 1})
+    kmeans_redo: int = field(default=1, metadata={"ge": 1})
+    extract_batch_size: int = field(default=0, metadata={"ge": 0, "help": "a batch size, or 0 (data.batch_size)"})
+    crop_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"gt": 0.0, "le": 1.0})
+    hflip: float = field(default=0.5, metadata=probability())
+
+
 @register("deepcluster")
 class DeepCluster(PretrainMethod):
+    config_sections = {"deepcluster": DeepClusterSection}
     """DeepCluster (Caron et al. 2018) on a timm backbone; keys under ``deepcluster.`` (see configs/deepcluster_cpu.yaml)."""
 
     # The sampler reads the current assignment each time it is iterated, so the loader need not be

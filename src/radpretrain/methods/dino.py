@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,11 +40,30 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
-from radpretrain.methods.simclr import GreyAugment
+from radpretrain.methods.simclr import AugmentSection, GreyAugment
+from radpretrain.settings import probability
+
+
+@dataclass
+class DINOSection:
+    output_dim: int = field(default=65536, metadata={"ge": 1})  # prototypes K
+    hidden_dim: int = field(default=2048, metadata={"ge": 1})
+    bottleneck_dim: int = field(default=256, metadata={"ge": 1})
+    n_local: int = field(default=4, metadata={"ge": 0})  # local views per image
+    local_size: int | None = field(default=None, metadata={"ge": 8, "help": "a side in pixels, or null (data.image_size // 2)"})
+    local_crop_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata={"gt": 0.0, "le": 1.0})
+    momentum_teacher: float = field(default=0.996, metadata=probability())
+    teacher_temp: float = field(default=0.04, metadata={"gt": 0.0})
+    warmup_teacher_temp: float | None = field(default=None, metadata={"gt": 0.0, "help": "a temperature, or null (teacher_temp)"})
+    warmup_teacher_temp_epochs: int = field(default=0, metadata={"ge": 0})
+    student_temp: float = field(default=0.1, metadata={"gt": 0.0})
+    center_momentum: float = field(default=0.9, metadata=probability())
+    freeze_last_layer: int = field(default=1, metadata={"ge": 0})  # epochs
 
 
 @register("dino")
 class DINO(PretrainMethod):
+    config_sections = {"dino": DINOSection, "augment": AugmentSection}
     """DINO on any timm backbone; config keys under ``dino.`` and ``augment.``."""
 
     def __init__(self, cfg: dict, store=None):
@@ -86,7 +106,7 @@ class DINO(PretrainMethod):
         self.momentum_teacher = float(get(cfg, "dino.momentum_teacher", 0.996))
         self.teacher_temp = float(get(cfg, "dino.teacher_temp", 0.04))
         self.criterion = DINOLoss(output_dim=self.output_dim,
-                                  warmup_teacher_temp=float(get(cfg, "dino.warmup_teacher_temp", self.teacher_temp)),
+                                  warmup_teacher_temp=float(get(cfg, "dino.warmup_teacher_temp", None) or self.teacher_temp),
                                   teacher_temp=self.teacher_temp,
                                   warmup_teacher_temp_epochs=int(get(cfg, "dino.warmup_teacher_temp_epochs", 0)),
                                   student_temp=float(get(cfg, "dino.student_temp", 0.1)),

@@ -36,7 +36,8 @@ and the clean [0, 1] image, on valid (non-padding) pixels only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.settings import ModelSection
 
 
 # --------------------------------------------------------------------------- corruptions
@@ -226,8 +228,17 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
     return (se * v).sum() / v.sum().clamp_min(1.0)
 
 
+@dataclass
+class GenesisModelSection(ModelSection):
+    """``model:`` with the U-Net decoder's keys."""
+
+    decoder_norm: Literal["batch", "instance"] = "instance"
+    decoder_channels: list[int] | None = field(default=None, metadata={"ge": 1, "help": "channels per skip level, finest first, or null"})
+
+
 @register("genesis")
 class Genesis(PretrainMethod):
+    config_sections = {"genesis": GenesisCorruption, "model": GenesisModelSection}
     """Models Genesis (Zhou et al. 2019) in 2-D: U-Net restoration of corrupted radiographs.
 
     Config: ``model.backbone`` (a timm CNN), ``model.pretrained``, ``model.decoder_norm``

@@ -23,6 +23,7 @@ timm's); the decoder is discarded after pretraining.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +33,15 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+
+
+@dataclass
+class MAESection:
+    mask_ratio: float = field(default=0.75, metadata={"ge": 0.0, "lt": 1.0})
+    norm_pix_loss: bool = True
+    decoder_dim: int | None = field(default=None, metadata={"ge": 4, "help": "a multiple of 4, or null (half the encoder's width)"})
+    decoder_depth: int = field(default=2, metadata={"ge": 1})
+    decoder_heads: int | None = field(default=None, metadata={"ge": 1, "help": "a positive integer, or null (decoder_dim // 32)"})
 
 
 def sincos_2d(dim: int, gh: int, gw: int, device=None) -> torch.Tensor:
@@ -109,6 +119,7 @@ class MAEDecoder(nn.Module):
 
 @register("mae")
 class MAE(PretrainMethod):
+    config_sections = {"mae": MAESection}
     """Masked autoencoder on a timm ViT; config keys under ``mae.`` (see configs/mae_cpu.yaml)."""
 
     def __init__(self, cfg: dict, store=None):

@@ -18,6 +18,7 @@ values are dropped, with a log message) and recorded in ``encoder.json``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.simclr import AugmentSection
 from radpretrain.utils import get_logger
 
 log = get_logger("methods.metadata")
@@ -69,8 +71,23 @@ def build_vocabularies(images, heads, age_bins=None, drop_values=()) -> tuple[di
     return vocab, np.stack(cols, axis=1)
 
 
+@dataclass
+class MetadataSection:
+    heads: list[str] = field(default_factory=lambda: ["body_part", "age", "sex", "view"])
+    age_bins: list[float] | None = field(default=None, metadata={"help": "ascending bin edges in years, or null"})
+    drop_values: list = field(default_factory=list)
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+    head_weights: dict = field(default_factory=dict)
+
+
+@dataclass
+class MetadataAugmentSection(AugmentSection):
+    enabled: bool = True
+
+
 @register("metadata")
 class MetadataSupervised(PretrainMethod):
+    config_sections = {"metadata": MetadataSection, "augment": MetadataAugmentSection}
     """Multi-head classification of manifest fields; config keys under ``metadata.``."""
 
     def __init__(self, cfg: dict, store=None):

@@ -14,6 +14,7 @@ run sees the same views as an uninterrupted one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,10 +23,44 @@ from torch import nn
 
 from radpretrain.config import get
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.settings import probability
 
 
 def _u(b: int, lo: float, hi: float, g, device) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(b, generator=g, device=device)
+
+
+_POS = {"gt": 0.0}
+
+
+@dataclass
+class AugmentSection:
+    """``augment:`` -- the random grey views (:class:`GreyAugment`'s parameters)."""
+
+    crop_scale: tuple[float, float] = field(default=(0.35, 1.0), metadata={"gt": 0.0, "le": 1.0})
+    crop_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata=_POS)
+    rotation: float = field(default=10.0, metadata={"ge": 0.0, "le": 180.0})
+    hflip: float = field(default=0.5, metadata=probability())
+    brightness: float = field(default=0.2, metadata={"ge": 0.0})
+    contrast: float = field(default=0.2, metadata={"ge": 0.0, "le": 1.0})
+    gamma: tuple[float, float] = field(default=(0.8, 1.25), metadata=_POS)
+    blur_p: float = field(default=0.5, metadata=probability())
+    blur_sigma: tuple[float, float] = field(default=(0.1, 1.5), metadata=_POS)
+    noise_p: float = field(default=0.5, metadata=probability())
+    noise_std: tuple[float, float] = field(default=(0.0, 0.03), metadata={"ge": 0.0})
+    view_size: int | None = field(default=None, metadata={"ge": 8})
+
+
+@dataclass
+class SimCLRAugmentSection(AugmentSection):
+    shared_crop: bool = False  # true: both views from one crop (a small finding is in both or neither)
+
+
+@dataclass
+class SimCLRSection:
+    temperature: float = field(default=0.1, metadata={"gt": 0.0})
+    hidden_dim: int | None = field(default=None, metadata={"ge": 1, "help": "a positive integer or null (the encoder's width)"})
+    output_dim: int = field(default=128, metadata={"ge": 1})
 
 
 class GreyAugment(nn.Module):
@@ -105,6 +140,8 @@ class GreyAugment(nn.Module):
 @register("simclr")
 class SimCLR(PretrainMethod):
     """SimCLR on any timm backbone; config keys under ``simclr.`` and ``augment.``."""
+
+    config_sections = {"simclr": SimCLRSection, "augment": SimCLRAugmentSection}
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)

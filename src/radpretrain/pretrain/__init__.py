@@ -2,11 +2,13 @@
 
 ::
 
-    radpretrain pretrain --method mae --data DATASET --out RUN [--config FILE] [--resume] [key=value ...]
+    radpretrain pretrain [--method mae] [--config PRESET_OR_FILE] --data DATASET --out RUN [--resume] [key=value ...]
 
-The config is ``configs/<method>_cpu.yaml`` unless ``--config`` names another file or
-packaged preset (e.g. ``mae_pilot``); :data:`DEFAULTS` fills every key a config leaves
-out, and ``key=value`` overrides any of them (``trainer.max_steps=30 data.image_size=64``).
+The config is the packaged preset ``<method>_cpu`` unless ``--config`` names another preset
+(e.g. ``mae_pilot``, which names its method, so ``--method`` may be left out) or a YAML file;
+:data:`DEFAULTS` fills every engine key a config leaves out, and ``key=value`` overrides any
+key (``trainer.max_steps=30 data.image_size=64``).  Files and overrides are checked against
+the schema in :mod:`radpretrain.pretrain.config` before anything is written.
 
 The engine owns data loading (``StoreDataset``, a resumable epoch-seeded batch
 sampler, optional class balancing, aspect-ratio buckets, patient-grouped
@@ -42,124 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radpretrain.config import apply_overrides, find_config, get, load_config, save_config
+from radpretrain.config import get, load_config_with_source, save_config
 from radpretrain.errors import UserError
+from radpretrain.pretrain.config import DEFAULTS, check_run_config, resolve_config, resume_config  # noqa: F401
 from radpretrain.utils import add_file_log, get_logger, package_versions, write_json
 
 log = get_logger("pretrain")
-
-# Keys every method has; a method config overrides them, ``key=value`` overrides both.
-DEFAULTS: dict = {
-    "seed": 0,
-    "data": {
-        "root": None,              # set from --data
-        "image_size": 64,
-        "batch_size": 32,          # per process (global batch = batch_size x devices x num_nodes)
-        "num_workers": 0,
-        "resize": "letterbox",     # letterbox | bucket
-        "balance": "none",         # none | modality | body_part | modality_body_part
-        "max_per_patient": None,   # int: at most this many images per patient (seeded choice)
-        "respect_keep": True,      # drop images with keep == False in splits.parquet (per-patient caps)
-        "exclude_split": None,     # e.g. test: never pretrain on the held-out split of splits.parquet
-        "val_fraction": 0.1,       # patient-grouped validation split of the pretraining images
-        "mean": None,              # null: chosen by data.stats
-        "std": None,
-        "stats": "auto",           # auto: the start weights' own input statistics, else measured | dataset | weights
-        "stats_sample": 256,
-        "shuffle": True,
-    },
-    "model": {"backbone": "resnet18", "pretrained": "none", "patch_size": 16,
-              "freeze_bn_stats": False,  # true: the encoder's BatchNorm keeps its start statistics
-              "kwargs": {}},             # extra timm.create_model kwargs (recorded in encoder.json), e.g. {depth: 6}
-    "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05, "warmup_fraction": 0.05, "min_lr_ratio": 0.01},
-    "trainer": {
-        "max_epochs": 10,
-        "max_steps": -1,
-        "accelerator": "auto",
-        "devices": "auto",
-        "num_nodes": "auto",
-        "strategy": "auto",
-        "precision": "auto",       # auto: bf16-mixed on GPUs that support it, else 32-true
-        "accumulate_grad_batches": 1,
-        "gradient_clip_val": None,
-        "val_check_interval": None,
-        "check_val_every_n_epoch": 1,
-        "limit_val_batches": 1.0,
-        "checkpoint_every_n_steps": 100,
-        "keep_checkpoints": -1,    # periodic checkpoints kept (-1: all)
-        "log_every_n_steps": 10,
-        "enable_progress_bar": True,
-        "sync_batchnorm": False,
-        "channels_last": "auto",   # NHWC weights: auto = on for depthwise CNNs on CPU, for CNNs on GPUs
-        "deterministic": False,
-        "cpu_threads": None,       # torch.set_num_threads; auto = one per idle core (1 is fastest on a busy CPU)
-    },
-    "early_stopping": {"patience": None, "min_delta": 0.0},
-    "previews": {"every_n_epochs": 1, "n": 8},
-    "export": {"weights": "best"},  # best (lowest val/loss, when there is a validation set) | last
-}
-
-BALANCE = ("none", "modality", "body_part", "modality_body_part")
-
-
-# -- config -------------------------------------------------------------------------
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def resolve_config(method: str, config: str | None = None, overrides=(), data: str | None = None) -> dict:
-    """DEFAULTS <- config file (default ``<method>_cpu``) <- overrides; ``method`` and ``data.root`` filled in."""
-    name = config or f"{method}_cpu"
-    try:
-        find_config(name)
-    except UserError:
-        if config is not None:
-            raise
-        file_cfg = {}
-        log.warning("no packaged config %s.yaml; using the engine defaults", name)
-    else:
-        file_cfg = load_config(name)
-    if file_cfg.get("method") not in (None, method):
-        raise UserError(f"{name}: this config is for method {file_cfg.get('method')!r}, not {method!r}")
-    cfg = deep_merge(DEFAULTS, file_cfg)
-    cfg["method"] = method
-    cfg = apply_overrides(cfg, list(overrides))
-    if data is not None:
-        cfg["data"]["root"] = str(Path(data).resolve())
-    return cfg
-
-
-def _check_config(cfg: dict) -> None:
-    d = cfg["data"]
-    if str(d["resize"]) not in ("letterbox", "bucket"):
-        raise UserError(f"data.resize={d['resize']!r}: choose letterbox or bucket")
-    if str(d["balance"]) not in BALANCE:
-        raise UserError(f"data.balance={d['balance']!r}: choose one of {', '.join(BALANCE)}")
-    for key in ("image_size", "batch_size"):
-        if not isinstance(d[key], int) or d[key] < 1:
-            raise UserError(f"data.{key}={d[key]!r}: must be a positive integer")
-    if str(d.get("stats", "auto")).lower() not in ("auto", "dataset", "weights"):
-        raise UserError(f"data.stats={d.get('stats')!r}: choose auto, dataset or weights")
-    vf = d["val_fraction"]
-    if not isinstance(vf, (int, float)) or not 0 <= vf < 1:
-        raise UserError(f"data.val_fraction={vf!r}: must be in [0, 1)")
-    t = cfg["trainer"]
-    if not isinstance(t.get("channels_last", "auto"), bool) and str(t.get("channels_last")).lower() != "auto":
-        raise UserError(f"trainer.channels_last={t.get('channels_last')!r}: choose auto, true or false")
-    th = t.get("cpu_threads")
-    if th not in (None, "auto") and (isinstance(th, bool) or not isinstance(th, int) or th < 1):
-        raise UserError(f"trainer.cpu_threads={th!r}: a positive integer, auto (one per idle core) or null (torch's default)")
-    if not isinstance(get(cfg, "model.freeze_bn_stats", False), bool):
-        raise UserError(f"model.freeze_bn_stats={get(cfg, 'model.freeze_bn_stats')!r}: choose true or false")
-    if (t["max_steps"] in (None, -1)) and (t["max_epochs"] in (None, -1)):
-        raise UserError("set trainer.max_steps or trainer.max_epochs (both are unlimited)")
-
 
 # -- data selection -------------------------------------------------------------------
 def select_images(store, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -546,11 +436,12 @@ def _precision(p) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from radpretrain.methods import METHOD_MODULES
 
-    p.add_argument("--method", required=True, choices=sorted(METHOD_MODULES), help="pretraining method")
+    p.add_argument("--method", default=None, choices=sorted(METHOD_MODULES),
+                   help="pretraining method (may be left out when --config names a preset or file that names it)")
     p.add_argument("--data", required=True, help="dataset store folder (from 'radpretrain ingest')")
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     p.add_argument("--config", default=None,
-                   help="config file or packaged preset (default: configs/<method>_cpu.yaml), e.g. mae_pilot")
+                   help="packaged preset (e.g. mae_pilot; default: <method>_cpu) or a YAML config file")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from RUN/checkpoints/last.ckpt")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. trainer.max_steps=30 data.image_size=64 model.pretrained=imagenet")
@@ -573,7 +464,7 @@ def run(args) -> int:
     return 0
 
 
-def pretrain(method: str, data: str | Path, out: str | Path, config: str | None = None, overrides=(),
+def pretrain(method: str | None, data: str | Path, out: str | Path, config: str | None = None, overrides=(),
              resume: bool = False, callbacks=()) -> dict:
     """Run pretraining; returns ``{"run": RUN, "encoder": path or None, "global_step": int, ...}``."""
     import lightning as L
@@ -588,10 +479,10 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: no config.yaml; nothing to resume (start the run without --resume)")
         ckpt_path = find_resume_checkpoint(run_dir)
-        saved = load_config(run_dir / "config.yaml")
-        if saved.get("method") not in (None, method):
+        saved, source = load_config_with_source(run_dir / "config.yaml")
+        if method is not None and saved.get("method") not in (None, method):
             raise UserError(f"{run_dir}: this run used --method {saved.get('method')}, not {method}")
-        cfg = apply_overrides(deep_merge(DEFAULTS, saved), list(overrides))
+        cfg = resume_config(saved, source, overrides)
         if data is not None and Path(data).resolve() != Path(cfg["data"]["root"] or data).resolve():
             log.warning("--data %s differs from the run's data.root %s; using --data", data, cfg["data"]["root"])
             cfg["data"]["root"] = str(Path(data).resolve())
@@ -600,7 +491,7 @@ def pretrain(method: str, data: str | Path, out: str | Path, config: str | None 
         if rank == 0 and started:  # a folder from a start that failed before training is reused
             raise UserError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new --out")
         cfg = resolve_config(method, config, overrides, data)
-    _check_config(cfg)
+    method = cfg["method"]
     threads, threads_note = get(cfg, "trainer.cpu_threads"), None
     if threads == "auto":  # one thread per idle core, measured now (logged below, into the run's log)
         from radpretrain.utils import auto_cpu_threads

@@ -1,0 +1,86 @@
+"""The pretraining config: engine sections + method sections, presets and overrides.
+
+A resolved config is ``engine defaults <- preset (or YAML file) <- key=value overrides``.
+The engine's sections are the dataclasses of :mod:`radpretrain.settings`; a method adds its
+own through ``PretrainMethod.config_sections`` (e.g. ``mae:``) and may extend ``model:`` with
+keys of its own (Genesis' decoder).  The YAML file and the overrides are checked against that
+schema before anything is written (:mod:`radpretrain.config`).
+
+The engine sections' defaults fill every engine key a preset leaves out (and are recorded in
+the run's ``config.yaml``); a method-section key a preset leaves out takes the method's default
+(the dataclass default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from radpretrain.config import apply_overrides, check_config, deep_merge, is_preset, load_config_with_source
+from radpretrain.errors import UserError
+from radpretrain.methods import get_method
+from radpretrain.settings import DEFAULTS, ENGINE_SCHEMA
+
+__all__ = ["DEFAULTS", "method_schema", "resolve_config", "resume_config", "check_run_config"]
+
+
+def method_schema(method_cls) -> dict:
+    """The engine schema plus the method's own sections (``PretrainMethod.config_sections``)."""
+    schema = dict(ENGINE_SCHEMA)
+    for name, cls in (getattr(method_cls, "config_sections", None) or {}).items():
+        if name in ENGINE_SCHEMA and not (isinstance(cls, type) and issubclass(cls, ENGINE_SCHEMA[name])):
+            raise TypeError(f"{method_cls.__name__}.config_sections[{name!r}] must extend {ENGINE_SCHEMA[name].__name__}")
+        schema[name] = cls
+    return schema
+
+
+def default_preset(method: str) -> str:
+    return f"{method}_cpu"
+
+
+def resolve_config(method: str | None, config: str | None = None, overrides=(), data: str | None = None) -> dict:
+    """Engine defaults <- config file (default ``<method>_cpu``) <- overrides, all checked.
+
+    ``method`` may be ``None`` when ``config`` names a preset or file that says its ``method``;
+    when both are given they must agree.  ``data.root`` is filled from ``data``.
+    """
+    name = config or (default_preset(method) if method else None)
+    if name is None:
+        raise UserError("give --method or a --config preset that names its method")
+    if config is None and not is_preset(name):
+        raise UserError(f"method {method!r} has no packaged preset {name}.yaml; give --config FILE")
+    file_cfg, source = load_config_with_source(name)
+    file_method = file_cfg.get("method")
+    if method is None:
+        if not file_method:
+            raise UserError(f"{source}: the config names no method; give --method")
+        method = str(file_method)
+    elif file_method not in (None, method):
+        raise UserError(f"{source}: this config is for method {file_method!r}, not {method!r}")
+    schema = method_schema(get_method(method))
+    check_config(file_cfg, schema, source)
+    cfg = deep_merge(DEFAULTS, file_cfg)
+    cfg["method"] = method
+    cfg = apply_overrides(cfg, list(overrides), schema=schema)
+    if data is not None:
+        cfg["data"]["root"] = str(Path(data).resolve())
+    check_run_config(cfg)
+    return cfg
+
+
+def resume_config(saved: dict, source: str, overrides=()) -> dict:
+    """A saved run's config.yaml (checked as strictly as a preset) with ``overrides`` applied."""
+    method = saved.get("method")
+    if not method:
+        raise UserError(f"{source}: names no method")
+    schema = method_schema(get_method(str(method)))
+    check_config(saved, schema, source)
+    cfg = apply_overrides(deep_merge(DEFAULTS, saved), list(overrides), schema=schema)
+    check_run_config(cfg)
+    return cfg
+
+
+def check_run_config(cfg: dict) -> None:
+    """Rules across keys that a single key's type and range cannot say."""
+    t = cfg["trainer"]
+    if t.get("max_steps") in (None, -1) and t.get("max_epochs") in (None, -1):
+        raise UserError("set trainer.max_steps or trainer.max_epochs (both are unlimited)")
