@@ -500,8 +500,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HU window, as ingest's (default -1000 1400)")
     from radpretrain.data.readers import BODY_PARTS
 
-    p.add_argument("--body-part", choices=BODY_PARTS, default=None,
-                   help="body part recorded for volumes without a DICOM header (e.g. chest)")
+    p.add_argument("--body-part", choices=BODY_PARTS, default=None, metavar="PART",
+                   help="body part recorded for volumes without a DICOM header, e.g. chest (default unknown)")
 
 
 def run(args) -> int:
