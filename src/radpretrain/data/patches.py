@@ -279,7 +279,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
 
     # one patient value per scan (CSV column), checked for consistency
     scan_patient: dict[str, str] = {}
-    for r in cands.itertuples(index=False):
+    for r in cands[cands["patient"] != ""].itertuples(index=False):
         if r.patient:
             prev = scan_patient.setdefault(r.seriesuid, r.patient)
             if prev != r.patient:
@@ -295,17 +295,18 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
             vol_errors[uid] = e.reason
     reason = cands["problem"].to_numpy(dtype=object).copy()
     detail = np.full(len(cands), "", dtype=object)
-    for i, r in enumerate(cands.itertuples(index=False)):
-        if reason[i]:
-            continue
-        if r.seriesuid not in volumes:
-            reason[i] = "unknown_series"
-        elif r.seriesuid in vol_errors:
-            reason[i], detail[i] = "unreadable_volume", vol_errors[r.seriesuid]
+    uids = cands["seriesuid"].to_numpy(dtype=object)
+    xyz = cands[["x", "y", "z"]].to_numpy(np.float64)
+    open_rows = reason == ""
+    reason[open_rows & ~pd.Series(uids).isin(volumes.keys()).to_numpy()] = "unknown_series"
+    for uid, rows_of_uid in pd.Series(np.arange(len(cands))[reason == ""]).groupby(uids[reason == ""]):
+        rows_of_uid = rows_of_uid.to_numpy()
+        if uid in vol_errors:
+            reason[rows_of_uid], detail[rows_of_uid] = "unreadable_volume", vol_errors[uid]
         else:
-            g = geoms[r.seriesuid]
-            if not g.inside(g.world_to_index([r.x, r.y, r.z])):
-                reason[i] = "outside_volume"
+            g = geoms[uid]
+            outside = ~g.inside(g.world_to_index(xyz[rows_of_uid]))
+            reason[rows_of_uid[outside]] = "outside_volume"
     usable = reason == ""
     cls = cands["cls"].to_numpy()
     n_pos, n_neg = int((usable & (cls > 0)).sum()), int((usable & (cls == 0)).sum())
@@ -316,6 +317,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
     keep[usable] = negative_sample(cls[usable] == 0, n_pos, neg_per_pos, seed)
 
     # pass 2: patches, one volume (and one shard) at a time
+    recs = list(cands.itertuples(index=False))  # plain tuples: row access without pandas' per-row cost
     out.mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(exist_ok=True)
     rows: list[tuple[tuple[int, int], dict]] = []
@@ -323,7 +325,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
     padded = 0
     by_scan = {}
     for i in np.flatnonzero(keep):
-        by_scan.setdefault(cands["seriesuid"].iat[i], []).append(i)
+        by_scan.setdefault(uids[i], []).append(i)
     scan_bar = tqdm(sorted(by_scan), unit="scan", desc="patches", disable=None if progress else True)
     for n_scan, uid in enumerate(scan_bar):
         vs = volumes[uid]
@@ -336,7 +338,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
             sp = float(spacing) if spacing is not None else float(vol.geometry.spacing.min())
             with ShardWriter(out / SHARD_DIR / shard) as writer:
                 for i in by_scan[uid]:
-                    cand = cands.iloc[i]
+                    cand = recs[i]
                     center = np.array([cand.x, cand.y, cand.z])
                     rng = np.random.default_rng([int(seed), int(cand.row)])
                     for p, (name, u, v) in enumerate(plane_axes(planes, random_planes, rng)):
@@ -369,7 +371,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
 
     # rejected candidates: one quarantined row each
     for i in np.flatnonzero(reason != ""):
-        cand = cands.iloc[i]
+        cand = recs[i]
         uid = cand.seriesuid
         if uid not in idents:
             idents[uid] = _scan_identity(volumes.get(uid), uid, scan_patient.get(uid, ""), pseudo, body_part)
@@ -416,7 +418,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
         "without_candidates": len(set(volumes) - set(cands["seriesuid"])),
         "unreadable": {str(k): int(v) for k, v in sorted(pd.Series(
             [e for u, e in vol_errors.items()] + [detail[i] for i in np.flatnonzero(reason == "unreadable_volume")
-                                                  if cands["seriesuid"].iat[i] not in vol_errors]).value_counts().items())}
+                                                  if uids[i] not in vol_errors]).value_counts().items())}
         if vol_errors or (reason == "unreadable_volume").any() else {},
         **{k: int(v) for k, v in vcounts.items()},
     }

@@ -35,7 +35,6 @@ never holds a path or a header value.
 from __future__ import annotations
 
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -492,7 +491,7 @@ def find_volumes(sources) -> tuple[dict[str, VolumeSource], dict]:
                 continue
             found[uid] = VolumeSource(uid, kind, full, rel)
             continue
-        if name.lower().endswith(SKIP_EXTS) or re.search(r"\.(raw|zraw)$", name, re.I):
+        if name.lower().endswith(SKIP_EXTS):
             continue
         if R.sniff(full) != "dicom":
             continue
