@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("radpretrain.data.synth", "write a synthetic PACS-like archive (DICOM with fake PHI, broken files, labels)"),
     "pull": ("radpretrain.data.pull", "pull studies from a PACS over DICOMweb (QIDO-RS/WADO-RS)"),
     "ingest": ("radpretrain.data.ingest", "turn DICOM/PNG/JPEG/TIFF/NIfTI/NPZ files into a de-identified dataset store"),
+    "patches": ("radpretrain.data.patches", "cut labelled 2-D patches around candidate points of CT volumes (LUNA16-style)"),
     "split": ("radpretrain.data.splits", "patient-grouped train/val/test split, folds and nested label fractions"),
     "info": ("radpretrain.data.info", "summarise a dataset store (counts, QC, splits) and draw a sample grid"),
     "pretrain": ("radpretrain.pretrain", "pretrain an encoder on a dataset store (MAE, DeepCluster, Genesis, ...)"),

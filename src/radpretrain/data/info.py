@@ -86,7 +86,12 @@ def collect(root: str | Path) -> dict:
         "by_split": {},
         "patients_by_split": {},
     }
+    id_columns = [c for c in store.meta.get("id_columns", []) if c in img.columns]  # e.g. a patch store's candidate ids
+    if id_columns:
+        info["id_columns"] = {c: int(img[c].nunique()) for c in id_columns}
     for col in store.label_columns:
+        if col in id_columns:
+            continue
         counts = pd.Series([_label_key(v) for v in img[col]], dtype=object).value_counts()
         info["by_label"][col] = {str(k): int(v) for k, v in sorted(counts.items())}
     age = pd.to_numeric(img["age_years"], errors="coerce")
@@ -140,6 +145,8 @@ def format_table(info: dict) -> str:
     block("sex", info["by_sex"])
     for col, d in info["by_label"].items():
         block(f"label {col}", d)
+    if info.get("id_columns"):
+        lines.append("id columns: " + ", ".join(f"{c} {n} distinct" for c, n in info["id_columns"].items()))
     a = info["age_years"]
     if a["known"]:
         lines.append(f"age (years): known {a['known']}, missing {a['missing']}, min {a['min']:.0f}, "

@@ -915,7 +915,13 @@ def generate_archive(out, n_patients: int = 200, seed: int = 0, overwrite: bool 
 
 def add_arguments(parser) -> None:
     parser.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--patients", type=int, default=200, help="number of fake patients (default 200)")
+    parser.add_argument("--kind", choices=("pacs", "luna16"), default="pacs",
+                        help="pacs: a PACS-like archive of radiographs (default); luna16: CT volumes with planted "
+                             "nodules and a candidates.csv, for 'radpretrain patches' (docs/ct_patches.md)")
+    parser.add_argument("--patients", type=int, default=None,
+                        help="number of fake patients (default 200; with --kind luna16: scans, default 3)")
+    parser.add_argument("--ct-format", choices=("mhd", "nifti", "dicom", "mixed"), default="mhd",
+                        help="--kind luna16: volume format (mhd as LUNA16, nifti, dicom series, or mixed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes drawing images (default: up to 2); output does not depend on it")
@@ -924,8 +930,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    s = generate_archive(args.out, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite,
-                         workers=args.workers)
+    if args.kind == "luna16":
+        from radpretrain.data.synth_ct import write_luna_like
+
+        if args.seed < 0:
+            raise UserError(f"--seed must be >= 0 (got {args.seed})")
+        s = write_luna_like(args.out, n_scans=3 if args.patients is None else args.patients, seed=args.seed,
+                            fmt=args.ct_format, overwrite=args.overwrite)
+        print(f"synth: wrote {s['n_scans']} CT volumes ({s['format']}) and {s['candidates']} candidates "
+              f"({s['positives']} nodules, {s['negatives']} negatives) to {s['out']}")
+        print(f"synth: candidates in {Path(s['out']) / 'candidates.csv'}; ground truth in {Path(s['out']) / '.synth'}")
+        return 0
+    s = generate_archive(args.out, n_patients=200 if args.patients is None else args.patients, seed=args.seed,
+                         overwrite=args.overwrite, workers=args.workers)
     kinds = ", ".join(f"{k} {v}" for k, v in s["by_kind"].items() if v)
     print(f"synth: wrote {s['n_files']} files for {s['n_patients']} patients "
           f"({s['n_lesion_patients']} with lesion) in {s['seconds']:.1f} s to {s['out']}")

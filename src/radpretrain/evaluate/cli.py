@@ -31,7 +31,7 @@ log = get_logger("evaluate")
 
 PROTOCOLS = ("linear", "knn", "finetune")
 FORBIDDEN_TARGETS = {"source", "image_id", "patient_id", "study_id", "series_id", "content_hash", "shard",
-                     "offset", "status", "reason"}
+                     "offset", "status", "reason", "candidate_id", "scan_id"}
 MISSING_STRINGS = {"", "unknown", "nan", "none", "na", "n/a"}
 
 
@@ -174,7 +174,7 @@ def run(args) -> int:
     from radpretrain.evaluate import folds as F
     from radpretrain.evaluate import inits as I
     from radpretrain.evaluate import protocols as P
-    from radpretrain.evaluate.results import summarise
+    from radpretrain.evaluate.results import froc_outputs, summarise
     from radpretrain.utils import package_versions, write_json
 
     t_start = time.time()
@@ -287,6 +287,7 @@ def run(args) -> int:
     results, comparisons = summarise(preds, task, n_boot=int(opts["n_boot"]), seed=args.seed)
     results.to_csv(out / "results.csv", index=False)
     comparisons.to_csv(out / "comparisons.csv", index=False)
+    froc = froc_outputs(out, preds, images, store.meta, task, n_boot=int(opts["n_boot"]), seed=args.seed)
     counts = {"images": int(len(table)), "patients": int(table["patient_id"].nunique()),
               "images_in_store": int(len(images)), "unlabelled_images_skipped": int((~mask).sum())}
     if task != "regression":
@@ -304,13 +305,19 @@ def run(args) -> int:
         # the summation order (and so the last digits, which can tip a probe) depends on it
         "torch_threads": torch.get_num_threads(),
     }
+    if froc is not None:  # a candidate-patch store (radpretrain patches): sensitivity at FPs per scan
+        summary["froc"] = froc
     write_json(out / "summary.json", summary)
     if not args.quiet_report:
         from radpretrain.evaluate.report import write_report
 
         paths = write_report(out)
         log.info("report: %s", paths[0])
-    print(json.dumps({"out": str(out), "task": task, "headline": summary["headline"]}, default=float))
+    printed = {"out": str(out), "task": task, "headline": summary["headline"]}
+    if froc is not None:
+        printed["froc"] = [{k: r[k] for k in ("init", "protocol", "fraction", "cpm", "cpm_ci", "sensitivity")}
+                           for r in froc["rows"]]
+    print(json.dumps(printed, default=float))
     return 0
 
 

@@ -584,3 +584,147 @@ def delong_variance(y_true, score) -> tuple[float, float]:
     v10 = (tz[:m] - tx) / n
     v01 = 1.0 - (tz[m:] - ty) / m
     return float(auc), float(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n)
+
+
+# -- FROC: sensitivity at fixed false positives per scan ---------------------------
+#
+# LUNA16's false-positive-reduction score.  Candidates (one score each) are accepted from the
+# highest score down; at every distinct score the operating point is
+#
+#     FPs per scan = fp_weight * (negatives accepted) / (scans),   sensitivity = positives accepted / positives
+#
+# (candidates with equal scores enter together).  Between operating points the curve is a
+# straight line, as in LUNA16's evaluation script (np.interp over the ROC points): a tie group
+# of positives and negatives enters along the line, which is the expected operating point of a
+# random order among the tied candidates.  Where several points share one FP rate (positives
+# accepted without new false positives), the highest sensitivity counts.  Beyond the last point
+# (everything accepted) the sensitivity stays at its end value (1 with any positive).  The CPM
+# is the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FPs per scan.
+#
+# The bootstrap draws patients (with all their scans and candidates) like the other metrics: a
+# patient drawn twice counts its scans twice in the denominator.
+
+FROC_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class _WeightedFROC:
+    """Sensitivities at ``points`` FPs/scan for many weightings of the candidates at once.
+
+    ``counts`` [B, k] weights per patient; ``codes`` the patient column of every candidate;
+    ``scans_per_patient`` [k] the number of scans of each patient (the denominator's share).
+    Candidates are sorted once; each weighting gets running sums of its weighted positives and
+    negatives at the ends of the tie groups, then every point is read off by interpolation.
+    """
+
+    def __init__(self, positive, score, codes, k: int, scans_per_patient, points=FROC_FPS, fp_weight: float = 1.0):
+        positive = np.asarray(positive, dtype=bool)
+        score = np.asarray(score, dtype=float)
+        order = np.argsort(-score, kind="stable")
+        s = score[order]
+        self.ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last candidate of each tie group
+        self.codes = np.asarray(codes)[order]
+        self.pos = positive[order]
+        self.scans = np.asarray(scans_per_patient, dtype=float)
+        self.points = np.asarray(points, dtype=float)
+        self.fp_weight = float(fp_weight)
+
+    def curve(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(FPs per scan, sensitivity), each [B, groups + 1], starting at (0, 0)."""
+        w = np.asarray(counts, dtype=float)[:, self.codes]
+        b = len(w)
+        tp = np.zeros((b, len(self.ends) + 1))
+        fp = np.zeros((b, len(self.ends) + 1))
+        if len(self.ends):
+            tp[:, 1:] = np.cumsum(w * self.pos, axis=1)[:, self.ends]
+            fp[:, 1:] = np.cumsum(w * ~self.pos, axis=1)[:, self.ends]
+        n_scans = np.asarray(counts, dtype=float) @ self.scans
+        fps = np.full(fp.shape, np.nan)
+        np.divide(fp * self.fp_weight, n_scans[:, None], out=fps, where=n_scans[:, None] > 0)
+        sens = np.full(tp.shape, np.nan)
+        np.divide(tp, tp[:, -1:], out=sens, where=tp[:, -1:] > 0)
+        return fps, sens
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        fps, sens = self.curve(counts)
+        b, g = fps.shape
+        out = np.full((b, len(self.points)), np.nan)
+        ok = np.isfinite(sens[:, -1]) & np.isfinite(fps[:, -1])
+        if not ok.any():
+            return out
+        fps, sens = fps[ok], sens[ok]
+        rows = np.arange(len(fps))
+        for j, r in enumerate(self.points):
+            i = (fps <= r).sum(axis=1) - 1  # last point at or below r (fps[:, 0] == 0)
+            nxt = np.minimum(i + 1, g - 1)
+            f0, f1 = fps[rows, i], fps[rows, nxt]
+            s0, s1 = sens[rows, i], sens[rows, nxt]
+            step = np.divide(r - f0, f1 - f0, out=np.zeros(len(rows)), where=f1 > f0)
+            out[ok, j] = s0 + (s1 - s0) * step
+        return out
+
+
+def _froc_setup(y_true, score, scans, groups):
+    """Patient codes of the candidates, the number of patients and each patient's number of scans.
+
+    ``groups`` None: every scan is its own patient.  A scan must belong to one patient.
+    """
+    scans = np.asarray(scans)
+    n = len(scans)
+    if len(np.asarray(y_true)) != n or len(np.asarray(score)) != n:
+        raise ValueError("y_true, score and scans must have one entry per candidate")
+    codes, k = _group_codes(scans if groups is None else groups, n)
+    _, scan_codes = np.unique(scans, return_inverse=True)
+    pairs = np.unique(np.stack([codes, scan_codes.reshape(-1)], axis=1), axis=0)
+    if len(np.unique(pairs[:, 1])) != len(pairs):
+        raise ValueError("a scan belongs to more than one patient")
+    scans_per_patient = np.bincount(pairs[:, 0], minlength=k).astype(float)
+    return codes, k, scans_per_patient
+
+
+def froc_curve(y_true, score, scans, fp_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The FROC operating points ``(FPs per scan, sensitivity)`` from (0, 0) to all candidates accepted.
+
+    ``y_true``: 1 for a positive candidate; ``scans``: the scan of every candidate (the number of
+    distinct scans is the denominator); ``fp_weight``: how many false positives one accepted
+    negative counts for (see docs/ct_patches.md on subsampled negatives).
+    """
+    codes, k, spp = _froc_setup(y_true, score, scans, None)
+    fn = _WeightedFROC(np.asarray(y_true).astype(bool), score, codes, k, spp, fp_weight=fp_weight)
+    fps, sens = fn.curve(np.ones((1, k)))
+    return fps[0], sens[0]
+
+
+def froc_sensitivities(y_true, score, scans, points=FROC_FPS, fp_weight: float = 1.0) -> np.ndarray:
+    """Sensitivity at each of ``points`` false positives per scan (NaN without a positive candidate)."""
+    codes, k, spp = _froc_setup(y_true, score, scans, None)
+    fn = _WeightedFROC(np.asarray(y_true).astype(bool), score, codes, k, spp, points, fp_weight)
+    return fn(np.ones((1, k)))[0]
+
+
+def froc_with_ci(y_true, score, scans, groups, points=FROC_FPS, fp_weight: float = 1.0, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """FROC sensitivities and their mean (CPM) with 95 % CIs from the patient bootstrap.
+
+    Replicates draw the patients (``groups``) with replacement, all their scans and candidates
+    with them, with the same random draws as :func:`metric_with_ci` for the same seed; replicates
+    without a positive are dropped.  Returns ``{"points", "sensitivity", "ci_low", "ci_high",
+    "cpm", "cpm_ci_low", "cpm_ci_high", "n_candidates", "n_positives", "n_scans", "n_patients",
+    "n_boot"}`` (lists per point).
+    """
+    y = np.asarray(y_true).astype(bool)
+    codes, k, spp = _froc_setup(y, score, scans, groups)
+    fn = _WeightedFROC(y, score, codes, k, spp, points, fp_weight)
+    value = fn(np.ones((1, k)))[0]
+    reps = []
+    if n_boot > 0 and np.all(np.isfinite(value)):
+        chunk = max(1, _CHUNK_WEIGHTS // max(len(y), 1))
+        reps = [fn(c) for c in _patient_counts(k, int(n_boot), seed, chunk)]
+    reps = np.concatenate(reps) if len(reps) else np.empty((0, len(value)))
+    reps = reps[np.all(np.isfinite(reps), axis=1)]
+    lo_hi = [_percentile_ci(reps[:, j]) for j in range(len(value))]
+    cpm_lo, cpm_hi = _percentile_ci(reps.mean(axis=1)) if len(reps) else (float("nan"), float("nan"))
+    return {"points": [float(p) for p in points], "sensitivity": [float(v) for v in value],
+            "ci_low": [lo for lo, _ in lo_hi], "ci_high": [hi for _, hi in lo_hi],
+            "cpm": float(np.mean(value)), "cpm_ci_low": cpm_lo, "cpm_ci_high": cpm_hi,
+            "n_candidates": int(len(y)), "n_positives": int(y.sum()), "n_scans": int(len(np.unique(np.asarray(scans)))),
+            "n_patients": int(k), "n_boot": int(len(reps))}

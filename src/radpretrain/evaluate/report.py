@@ -211,6 +211,73 @@ def fig_losses(histories: dict, inits: list[str]) -> Figure | None:
     return fig
 
 
+def fig_froc(cands: pd.DataFrame, inits: list[str], points, fp_weight: float = 1.0) -> Figure | None:
+    """FROC curves (candidate level) of the largest label fraction, one panel per protocol."""
+    from radpretrain.evaluate.metrics import froc_curve
+
+    if cands is None or not len(cands):
+        return None
+    protos = list(dict.fromkeys(cands["protocol"]))
+    fr = sorted(cands["fraction"].unique())[-1]
+    lo, hi = min(points) / 2, max(points) * 2
+    fig = Figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(protos), squeeze=False)[0]
+    for ax, proto in zip(axes, protos):
+        for init in inits:
+            d = cands[(cands["protocol"] == proto) & (cands["fraction"] == fr) & (cands["init"] == init)]
+            if not len(d) or not d["y_true"].astype(bool).any():
+                continue
+            fps, sens = froc_curve(d["y_true"].to_numpy(), d["score"].to_numpy(float), d["scan_id"].to_numpy(),
+                                   fp_weight)
+            fine = np.geomspace(lo, hi, 200)
+            ax.plot(fine, [_froc_at(fps, sens, v) for v in fine], color=_color(init, inits), label=init)
+            ax.plot(points, [_froc_at(fps, sens, v) for v in points], "o", ms=3, color=_color(init, inits))
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(list(points), [_fps_label(p) for p in points])
+        ax.minorticks_off()
+        ax.set_xlabel("false positives per scan")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"{proto}, {_frac(fr)} labels", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _froc_at(fps: np.ndarray, sens: np.ndarray, r: float) -> float:
+    """The FROC line at ``r`` FPs per scan (as :mod:`~radpretrain.evaluate.metrics` reads its points)."""
+    i = int(np.sum(fps <= r)) - 1
+    if i + 1 >= len(fps) or fps[i + 1] <= fps[i]:
+        return float(sens[i])
+    return float(sens[i] + (sens[i + 1] - sens[i]) * (r - fps[i]) / (fps[i + 1] - fps[i]))
+
+
+def _fps_label(p: float) -> str:
+    return f"1/{round(1 / p)}" if p < 1 else f"{p:g}"
+
+
+def froc_table(froc: dict) -> tuple[list[str], list[list[str]]]:
+    pts = froc["fps_per_scan"]
+    head = ["protocol", "labels", "init", "CPM [95 % CI]"] + [f"{_fps_label(p)} FP/scan" for p in pts]
+    rows = []
+    for r in froc["rows"]:
+        row = [r["protocol"], _frac(r["fraction"]), r["init"], f"{_fmt(r['cpm'])} [{_fmt(r['cpm_ci'][0])}, "
+               f"{_fmt(r['cpm_ci'][1])}]"]
+        row += [f"{_fmt(v, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+                for v, lo, hi in zip(r["sensitivity"], r["ci_low"], r["ci_high"])]
+        rows.append(row)
+    return head, rows
+
+
+def froc_note(froc: dict) -> str:
+    r = froc["rows"][0] if froc["rows"] else {}
+    return (f"Sensitivity at fixed false positives per scan (FROC, as LUNA16 reports it), {froc['level']}; "
+            f"{r.get('n_candidates', 0)} candidates ({r.get('n_positives', 0)} positive) in {r.get('n_scans', 0)} "
+            f"scans; CPM = mean of the seven points; 95 % CIs by bootstrap over patients. "
+            f"{froc['fp_rule'][0].upper() + froc['fp_rule'][1:]} (fp_weight {froc['fp_weight']:.4g}).")
+
+
 # -- text ---------------------------------------------------------------------------------
 
 def verdicts(summary: dict) -> list[str]:
@@ -378,6 +445,12 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
         figs.append(("confusion", "Confusion matrices", fig_confusion(preds, task, classes, inits)))
     else:
         figs.append(("regression", "Predicted vs true", fig_regression(preds, inits)))
+    froc = summary.get("froc")
+    if froc:
+        froc_path = out / "froc_predictions.parquet"
+        cands = pd.read_parquet(froc_path) if froc_path.is_file() else None
+        figs.append(("froc", "FROC curves (candidate level, largest label fraction)",
+                     fig_froc(cands, inits, froc["fps_per_scan"], froc["fp_weight"])))
     figs.append(("finetune_loss", "Fine-tuning loss curves (chosen learning rate; dotted: epoch kept)",
                  fig_losses(histories, inits)))
     fig_dir = out / "figures"
@@ -406,6 +479,9 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
                      + "".join(f"<li>{html.escape(v)}</li>" for v in verdict) + "</ul></div>")
     parts.append("<h2>Headline results</h2><p class='small'>Pooled out-of-fold predictions. Green/red: the 95 % "
                  "CI of the difference excludes 0.</p>" + _html_table(head, rows))
+    if froc:
+        parts.append("<h2>FROC: sensitivity at fixed false positives per scan</h2>"
+                     f"<p class='small'>{html.escape(froc_note(froc))}</p>" + _html_table(*froc_table(froc)))
     for key, t, data in rendered:
         parts.append(f"<h2>{html.escape(t)}</h2><img alt='{key}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'>")
@@ -423,6 +499,9 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     if verdict:
         md += ["**At a glance**", ""] + [f"- {v}" for v in verdict] + [""]
     md += ["## Headline results", "", _md_table(head, rows), ""]
+    if froc:
+        md += ["## FROC: sensitivity at fixed false positives per scan", "", froc_note(froc), "",
+               _md_table(*froc_table(froc)), ""]
     for key, t, _ in rendered:
         md += [f"## {t}", "", f"![{key}](figures/{key}.png)", ""]
     md += ["## All metrics", "", _md_table(ahead, arows), "", f"## Per fold ({METRIC_LABELS.get(metric, metric)})", "",

@@ -85,3 +85,78 @@ def compare(preds: pd.DataFrame, task: str, n_boot: int = 1000, seed: int = 0) -
                         row.update(delong_p=d["p"], delong_ci_low=d["ci_low"], delong_ci_high=d["ci_high"])
                     rows.append(row)
     return pd.DataFrame(rows, columns=cols)
+
+
+# -- FROC of candidate-patch stores (radpretrain patches) ------------------------------
+
+FROC_FILE = "froc.csv"
+FROC_PREDICTIONS = "froc_predictions.parquet"
+
+
+def candidate_predictions(preds: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """One row per candidate and (init, protocol, fraction): the mean score of its patches.
+
+    ``images``: the store's images with the candidate and scan columns of a patch store.
+    Columns: init, protocol, fraction, candidate_id, scan_id, patient_id, fold, y_true, score, n_patches.
+    """
+    from radpretrain.data.patches import CANDIDATE_COLUMN, SCAN_COLUMN
+
+    ids = images[["image_id", CANDIDATE_COLUMN, SCAN_COLUMN]]
+    j = preds[["image_id", "patient_id", "fold", "fraction", "init", "protocol", "y_true", "y_score"]].merge(
+        ids, on="image_id", how="left")
+    g = j.groupby(["init", "protocol", "fraction", CANDIDATE_COLUMN], sort=False)
+    out = g.agg(scan_id=(SCAN_COLUMN, "first"), patient_id=("patient_id", "first"), fold=("fold", "first"),
+                y_true=("y_true", "max"), score=("y_score", "mean"), n_patches=("image_id", "size")).reset_index()
+    return out
+
+
+def froc_results(cands: pd.DataFrame, fp_weight: float = 1.0, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Tidy FROC results: init, protocol, fraction, point (FPs per scan, or ``cpm``), value, ci_low,
+    ci_high, n_candidates, n_positives, n_scans; 95 % CIs by the patient bootstrap."""
+    from radpretrain.evaluate.metrics import FROC_FPS, froc_with_ci
+
+    rows = []
+    for (init, proto, frac), g in cands.groupby(["init", "protocol", "fraction"], sort=False):
+        r = froc_with_ci(g["y_true"].to_numpy(), g["score"].to_numpy(float), g["scan_id"].to_numpy(),
+                         g["patient_id"].to_numpy(), FROC_FPS, fp_weight, n_boot=n_boot, seed=seed)
+        base = {"init": init, "protocol": proto, "fraction": frac, "n_candidates": r["n_candidates"],
+                "n_positives": r["n_positives"], "n_scans": r["n_scans"]}
+        for p, v, lo, hi in zip(r["points"], r["sensitivity"], r["ci_low"], r["ci_high"]):
+            rows.append({**base, "point": f"{p:g}", "value": v, "ci_low": lo, "ci_high": hi})
+        rows.append({**base, "point": "cpm", "value": r["cpm"], "ci_low": r["cpm_ci_low"], "ci_high": r["cpm_ci_high"]})
+    cols = ["init", "protocol", "fraction", "point", "value", "ci_low", "ci_high", "n_candidates", "n_positives",
+            "n_scans"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def froc_outputs(out, preds: pd.DataFrame, images: pd.DataFrame, store_meta: dict, task: str, n_boot: int = 1000,
+                 seed: int = 0) -> dict | None:
+    """FROC of a binary task on a candidate-patch store: writes ``froc.csv`` and
+    ``froc_predictions.parquet`` into ``out`` and returns the ``froc`` block of ``summary.json``
+    (None, and nothing written, for other tasks and stores)."""
+    from pathlib import Path
+
+    from radpretrain.data.patches import CANDIDATE_COLUMN, SCAN_COLUMN, fp_weight
+    from radpretrain.evaluate.metrics import FROC_FPS
+
+    if task != "binary" or SCAN_COLUMN not in images.columns or CANDIDATE_COLUMN not in images.columns:
+        return None
+    cands = candidate_predictions(preds, images)
+    w = fp_weight(store_meta)
+    res = froc_results(cands, w, n_boot=n_boot, seed=seed)
+    cands.to_parquet(Path(out) / FROC_PREDICTIONS, index=False)
+    res.to_csv(Path(out) / FROC_FILE, index=False)
+    rows = []
+    for (init, proto, frac), g in res.groupby(["init", "protocol", "fraction"], sort=False):
+        pts, cpm = g[g["point"] != "cpm"], g[g["point"] == "cpm"].iloc[0]
+        rows.append({"init": init, "protocol": proto, "fraction": frac, "cpm": cpm["value"],
+                     "cpm_ci": [cpm["ci_low"], cpm["ci_high"]], "sensitivity": pts["value"].tolist(),
+                     "ci_low": pts["ci_low"].tolist(), "ci_high": pts["ci_high"].tolist(),
+                     "n_candidates": int(cpm["n_candidates"]), "n_positives": int(cpm["n_positives"]),
+                     "n_scans": int(cpm["n_scans"])})
+    return {"fps_per_scan": list(FROC_FPS), "fp_weight": w,
+            "level": "one score per candidate: the mean of its patches' scores",
+            "fp_rule": ("false positives per scan estimated for the full candidate list: each kept negative "
+                        "counts fp_weight times (usable/kept negatives x scans kept/scans usable)")
+            if w != 1.0 else "false positives per scan over all candidates of the store",
+            "rows": rows}
