@@ -75,7 +75,7 @@ class TrainerSection:
     check_val_every_n_epoch: int | None = field(default=1, metadata={"ge": 1})
     limit_val_batches: int | float = field(default=1.0, metadata={"ge": 0})
     checkpoint_every_n_steps: int | None = field(default=100, metadata={"ge": 0})
-    keep_checkpoints: int = field(default=-1, metadata={"ge": -1, "help": "periodic checkpoints kept; -1 keeps all"})
+    keep_checkpoints: int = field(default=3, metadata={"ge": -1, "help": "newest periodic step*.ckpt kept besides last.ckpt and best.ckpt; -1 keeps all"})
     log_every_n_steps: int = field(default=10, metadata={"ge": 1})
     enable_progress_bar: bool = True
     sync_batchnorm: bool = False

@@ -347,7 +347,13 @@ def _cached_features(feat_dir: Path, init: str, pool: str, encoder, imgs, table,
     key = {"n": int(len(table)), "image_size": int(image_size), "ids_head": table["image_id"].head(5).tolist(),
            "ids_hash": _ids_hash(table["image_id"]), "init": json.loads(json.dumps(ident or {}, default=str))}
     if path.is_file() and key_path.is_file() and read_json(key_path) == key:
-        return np.load(path)
+        try:  # never unpickled (allow_pickle=False): an object array or a damaged file is recomputed
+            X = np.load(path, allow_pickle=False)
+            if X.ndim == 2 and len(X) == len(table) and X.dtype.kind == "f":
+                return X
+            log.warning("%s: not a features array for these images; recomputing", path)
+        except (ValueError, OSError, EOFError) as e:
+            log.warning("%s: unreadable features cache (%s); recomputing", path, str(e).splitlines()[0][:120])
     t0 = time.time()
     X = extract_features(encoder, imgs, pool=pool, batch_size=bs)
     np.save(path, X)

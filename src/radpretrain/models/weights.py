@@ -13,6 +13,9 @@ layout).  :func:`load_run_encoder` reads either.
 
 from __future__ import annotations
 
+import io
+import pickletools
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,6 +42,92 @@ def save_encoder(model: nn.Module, meta: dict, out_dir: str | Path, name: str = 
     return path
 
 
+# opcodes that push a string a later STACK_GLOBAL may take as module or name; opcodes that push nothing
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+_NO_PUSH_OPS = frozenset({"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP"})
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """``module.name`` of every global (class or function) a pickle references, read without unpickling.
+
+    Walks the opcodes (:mod:`pickletools`) and follows the strings that ``STACK_GLOBAL`` takes from
+    the stack and the memo.  A global whose name cannot be followed (or a copyreg extension code)
+    is reported as ``"?"``, so a caller that allows only known names refuses it.  Raises
+    ``ValueError`` for a malformed or truncated pickle.
+    """
+    found: set[str] = set()
+    stack: list = []  # an approximation: strings where they were pushed, None for anything else
+    memo: dict = {}
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            found.add(".".join(str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL":
+            mod, attr = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
+            found.add(f"{mod}.{attr}" if isinstance(mod, str) and isinstance(attr, str) else "?")
+            del stack[-2:]
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            found.add("?")
+        if name in _STRING_OPS:
+            stack.append(str(arg))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1] if stack else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
+        elif name not in _NO_PUSH_OPS:
+            stack.append(None)
+    return found
+
+
+def torch_file_globals(path: str | Path) -> set[str]:
+    """The globals of a ``torch.save`` file's pickle (``*/data.pkl`` of the zip), read without unpickling.
+
+    A bare pickle (the legacy format, ``.bin``) is scanned pickle by pickle.  Raises ``ValueError``,
+    ``OSError`` or ``zipfile.BadZipFile`` when the file cannot be read that way.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            pkls = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pkls) != 1:
+                raise ValueError(f"{len(pkls)} data.pkl records (a torch file has one)")
+            return pickle_globals(z.read(pkls[0]))
+    found: set[str] = set()
+    with open(path, "rb") as f:  # legacy torch.save: a few pickles, then raw storage bytes
+        data = f.read()
+    if data[:4] == b"PK\x03\x04":
+        raise ValueError("a zip file cut short (no central directory)")
+    buf = io.BytesIO(data)
+    while buf.tell() < len(data):
+        start = buf.tell()
+        try:
+            for op, _, _ in pickletools.genops(buf):
+                if op.name == "STOP":
+                    break
+        except ValueError:
+            if start == 0:
+                raise
+            break  # the raw storage bytes after the pickles
+        found |= pickle_globals(data[start:buf.tell()])
+    return found
+
+
+def _refusal_reason(path: Path, exc: Exception) -> str:
+    """What a refused torch file holds, for the one-line error (the globals torch would not load)."""
+    try:
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)) if zipfile.is_zipfile(path) \
+            else sorted(g for g in torch_file_globals(path) if not g.startswith(("torch.", "collections.OrderedDict")))
+    except Exception:  # unreadable as well: report the loader's own first line
+        unsafe = []
+    if unsafe:
+        return f"it would unpickle {', '.join(unsafe[:5])}{' ...' if len(unsafe) > 5 else ''}"
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg[:200]}"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, never unpickling objects.
 
@@ -60,8 +149,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: refused or unreadable weight file ({type(e).__name__}: {msg[:200]}); "
+        raise UserError(f"{path}: refused or unreadable weight file ({_refusal_reason(path, e)}); "
                         "only plain tensors are loaded, never pickled objects") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

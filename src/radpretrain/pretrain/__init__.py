@@ -25,7 +25,9 @@ Run folder::
     RUN/config.yaml        resolved config (incl. measured data.mean / data.std)
     RUN/versions.json      package versions
     RUN/logs/              csv/metrics.csv, tensorboard/, pretrain.log
-    RUN/checkpoints/       step*.ckpt (every trainer.checkpoint_every_n_steps), last.ckpt, best.ckpt
+    RUN/checkpoints/       step*.ckpt (every trainer.checkpoint_every_n_steps, newest trainer.keep_checkpoints
+                           kept), last.ckpt, best.ckpt: written atomically, read only after their pickle
+                           was checked (see write_checkpoint / read_checkpoint)
     RUN/previews/          PNGs from the method (MAE reconstructions, SimCLR views, ...)
     RUN/encoder.safetensors, RUN/encoder.json   at the end (see docs/architecture.md)
 """
@@ -33,12 +35,16 @@ Run folder::
 from __future__ import annotations
 
 import argparse
-import copy
+import collections
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +52,27 @@ import torch
 
 from radpretrain.config import get, load_config_with_source, save_config
 from radpretrain.errors import UserError
+from radpretrain.models.weights import torch_file_globals
 from radpretrain.pretrain.config import DEFAULTS, check_run_config, resolve_config, resume_config  # noqa: F401
 from radpretrain.utils import add_file_log, get_logger, package_versions, write_json
 
 log = get_logger("pretrain")
+
+# Everything a pretraining checkpoint's pickle references (measured: every method, with validation,
+# early stopping and DeepCluster's assignment, at every precision): ordered dicts, and tensors of
+# the dtypes a run can hold.  Lightning's own entries (loops, callbacks, optimizer and scheduler
+# states) are plain dicts, lists, numbers and strings.  A checkpoint that references anything else
+# was not written by radpretrain and is refused without being unpickled (see read_checkpoint).
+CHECKPOINT_SAFE_GLOBALS: tuple = (
+    collections.OrderedDict, torch._utils._rebuild_tensor_v2,
+    torch.FloatStorage, torch.DoubleStorage, torch.HalfStorage, torch.BFloat16Storage, torch.LongStorage,
+    torch.IntStorage, torch.ShortStorage, torch.CharStorage, torch.ByteStorage, torch.BoolStorage,
+)
+_CHECKPOINT_GLOBAL_NAMES = frozenset(f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_SAFE_GLOBALS)
+# what a checkpoint needs to continue a run (a weights-only checkpoint has only state_dict)
+_RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 # -- data selection -------------------------------------------------------------------
 def select_images(store, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -432,6 +455,285 @@ def _precision(p) -> str:
     return str(p)
 
 
+# -- checkpoints -------------------------------------------------------------------------------
+# Written through a temporary file and a rename (never partial); read only after the pickle was
+# checked against CHECKPOINT_SAFE_GLOBALS, with torch's weights-only unpickler; a damaged file is
+# skipped by --resume in favour of the newest intact one.
+_STEP_CKPT = re.compile(r"^step(\d+)(-v\d+)?\.ckpt$")
+
+
+def _short(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _mb(n: int | None) -> str:
+    return "an unknown amount" if n is None else f"{n / 1e6:,.0f} MB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full_error(e: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT ``OSError`` that ``e`` is or was raised from (torch.save wraps it), else None."""
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _checkpoint_nbytes(checkpoint) -> int:
+    """Bytes of tensor storage in a checkpoint dict: a lower bound of its file size (the pickle is small)."""
+    storages: dict = {}
+    todo = [checkpoint]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            storages[(st.data_ptr(), str(o.device))] = st.nbytes()
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return int(sum(storages.values()))
+
+
+def _disk_full_message(path: Path, need: int | None, free: int | None) -> str:
+    what = f"a checkpoint of about {_mb(need)} does not fit" if need else "the disk is full"
+    return (f"{path}: disk full: {what} ({_mb(free)} free on that disk); free some space "
+            "(or lower trainer.keep_checkpoints), then continue the run with --resume")
+
+
+def write_checkpoint(checkpoint: dict, path: Path) -> None:
+    """``torch.save`` to ``NAME.tmp`` beside ``path``, flushed to disk, then renamed over ``path``.
+
+    ``path`` is therefore either the previous complete checkpoint or the new one, never a partial
+    file (a kill or a full disk mid-write leaves at most the ``.tmp``, which is removed).  A disk
+    without room for the checkpoint (its tensor bytes) is a :class:`UserError` before anything is
+    written; ENOSPC / EDQUOT while writing is the same one-line error.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = _checkpoint_nbytes(checkpoint)
+    free = _free_bytes(path.parent)
+    if free is not None and free < need:
+        raise UserError(_disk_full_message(path, need, free))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _disk_full_error(e) is not None:
+            raise UserError(_disk_full_message(path, need, _free_bytes(path.parent))) from None
+        raise
+
+
+def _refuse_foreign(path: Path, found: set[str]) -> None:
+    foreign = sorted(found - _CHECKPOINT_GLOBAL_NAMES)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"{path}: refused, not loaded: its pickle references {', '.join(foreign[:3])}{more}, which no "
+                        "radpretrain checkpoint holds (planted, or written by other code); "
+                        "use a run folder you trust, or delete this file")
+
+
+def _load_checkpoint(path: Path, map_location, mmap: bool = False) -> dict:
+    """Unpickle a checkpoint whose globals were checked: weights-only, with the scoped allowlist."""
+    with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
+        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if not isinstance(ck, dict):
+        raise ValueError(f"holds a {type(ck).__name__}, not a checkpoint dict")
+    return ck
+
+
+def read_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A pretraining checkpoint, never unpickling anything but tensors and plain values.
+
+    The pickle's globals are read first without unpickling (``torch_file_globals``); anything
+    outside :data:`CHECKPOINT_SAFE_GLOBALS` is a one-line :class:`UserError` naming what was found.
+    Then ``torch.load(weights_only=True)`` with that allowlist (scoped, not process-wide).  A
+    damaged file is a one-line :class:`UserError` too.
+    """
+    path = Path(path)
+    try:
+        found = torch_file_globals(path)
+    except Exception as e:  # OSError, BadZipFile, ValueError (truncated pickle) ...
+        raise UserError(f"{path}: damaged checkpoint ({_short(e)})") from None
+    _refuse_foreign(path, found)
+    try:
+        return _load_checkpoint(path, map_location)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({_short(e)})") from None
+
+
+def _peek_checkpoint(path: Path) -> tuple[int, str | None]:
+    """``(global_step, None)`` for a checkpoint that loads (memory-mapped: tensor bytes are not read)
+    and holds a training state; ``(-1, why)`` otherwise.  Foreign content: :class:`UserError`."""
+    try:
+        found = torch_file_globals(path)
+    except Exception as e:
+        return -1, f"unreadable ({_short(e)})"
+    _refuse_foreign(path, found)
+    try:
+        if not zipfile.is_zipfile(path):
+            return -1, "not a complete checkpoint (truncated or overwritten)"
+        ck = _load_checkpoint(path, "cpu", mmap=True)
+    except Exception as e:
+        return -1, f"damaged ({_short(e)})"
+    missing = [k for k in _RESUME_KEYS if k not in ck]
+    if missing:
+        return -1, f"holds no training state (no {', '.join(missing)})"
+    return int(ck["global_step"]), None
+
+
+def _checksum_problem(path: Path) -> str | None:
+    """Why the zip records of ``path`` fail their CRC-32 checks (a file damaged inside), or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:
+        return f"damaged ({_short(e)})"
+    return None if bad is None else f"damaged (record {bad} fails its checksum)"
+
+
+def inspect_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot continue a run (damaged, truncated, no training state), or None when intact.
+
+    Intact: it loads (weights only, see :func:`read_checkpoint`), holds a training state and every
+    zip record passes its CRC-32 check.  Foreign content is not a "damage" to skip: it is a
+    :class:`UserError`.
+    """
+    _, problem = _peek_checkpoint(path)
+    return problem or _checksum_problem(path)
+
+
+def checkpoint_candidates(ck_dir: Path) -> list[Path]:
+    """Checkpoints a run can continue from, in the order preferred among equal steps: last.ckpt,
+    step*.ckpt newest first, best.ckpt."""
+    if not ck_dir.is_dir():
+        return []
+    steps = [(int(m.group(1)), p.name, p) for p in ck_dir.glob("step*.ckpt") if (m := _STEP_CKPT.match(p.name))]
+    ordered = [ck_dir / "last.ckpt", *(p for _, _, p in sorted(steps, reverse=True)), ck_dir / "best.ckpt"]
+    return [p for p in ordered if p.is_file()]
+
+
+def _clear_partial_writes(ck_dir: Path) -> list[str]:
+    """Remove ``*.ckpt.tmp`` left by a write that was killed (never a complete checkpoint)."""
+    notes = []
+    for tmp in sorted(ck_dir.glob("*.ckpt.tmp")) if ck_dir.is_dir() else []:
+        tmp.unlink(missing_ok=True)
+        notes.append(f"removed {tmp.name}, a checkpoint write that did not finish")
+    return notes
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` (``.damaged1``, ... if taken); nothing is deleted."""
+    for i in range(1000):
+        target = path.with_name(f"{path.name}.damaged{i or ''}")
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise UserError(f"{path}: damaged, and too many .damaged copies beside it; remove them")
+
+
+def existing_run(run_dir: Path) -> tuple[str | None, list[str]]:
+    """What in ``run_dir`` a new start would overwrite (a finished encoder, an intact checkpoint), or None.
+
+    A folder left by a start that failed before training, or by a run that never completed a
+    checkpoint (a full disk; a copy cut short), holds no run: its damaged checkpoints are renamed to
+    ``NAME.damaged`` (kept, never deleted) and the notes say so.  A checkpoint with foreign content
+    is a :class:`UserError`: such a folder is not taken over.  Returns ``(what, notes)``.
+    """
+    if (run_dir / "encoder.safetensors").exists():
+        return "encoder.safetensors", []
+    ck_dir = run_dir / "checkpoints"
+    if not ck_dir.is_dir():
+        return None, []
+    notes = []
+    cands = checkpoint_candidates(ck_dir)
+    files = cands + sorted(p for p in ck_dir.glob("*.ckpt") if p not in cands)
+    problems = {}
+    for p in files:
+        problem = inspect_checkpoint(p)
+        if problem is None:
+            return f"checkpoints/{p.name}", notes
+        problems[p] = problem
+    for p, problem in problems.items():
+        aside = _set_aside(p)
+        notes.append(f"{p}: {problem}; no intact checkpoint left, so a new run starts here (kept as {aside.name})")
+    return None, notes
+
+
+def _step_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class StepCheckpoint(ModelCheckpoint):
+        """The periodic ``step*.ckpt`` callback; on resume its bookkeeping follows the folder and the
+        current ``trainer.keep_checkpoints``.
+
+        Lightning restores the list of kept files as it was saved: files removed since (by hand, or
+        after a full disk) stay in it, and a lower ``keep_checkpoints`` than the run started with
+        makes its next comparison fail (KeyError) or never prune.  Here missing files are dropped,
+        the newest ``keep_checkpoints`` are kept and the older ones removed when training starts.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._surplus: list[str] = []
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            kept = {p: v for p, v in self.best_k_models.items() if os.path.isfile(p)}
+            order = sorted(kept, key=lambda p: float(kept[p]), reverse=self.mode == "max")  # best first
+            if self.save_top_k >= 0:
+                self._surplus = order[self.save_top_k:]
+                order = order[: self.save_top_k]
+            self.best_k_models = {p: kept[p] for p in order}
+            if order and len(order) == self.save_top_k:  # full: the next save replaces the worst
+                self.kth_best_model_path, self.kth_value = order[-1], kept[order[-1]]
+            else:
+                self.kth_best_model_path = ""
+
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            for p in self._surplus:
+                trainer.strategy.remove_checkpoint(p)
+                log.info("removed %s (trainer.keep_checkpoints=%s)", Path(p).name, self.save_top_k)
+            self._surplus = []
+
+    return StepCheckpoint
+
+
+def _checkpoint_io():
+    """The Lightning ``CheckpointIO`` plugin of the engine: :func:`write_checkpoint` / :func:`read_checkpoint`."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    class RunCheckpointIO(CheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if storage_options is not None:
+                raise TypeError("storage_options are not supported by radpretrain's checkpoint writer")
+            write_checkpoint(checkpoint, Path(path))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):
+            return read_checkpoint(Path(path), map_location="cpu" if map_location is None else map_location)
+
+        def remove_checkpoint(self, path):
+            Path(path).unlink(missing_ok=True)
+
+    return RunCheckpointIO()
+
+
 # -- the run ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from radpretrain.methods import METHOD_MODULES
@@ -447,15 +749,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. trainer.max_steps=30 data.image_size=64 model.pretrained=imagenet")
 
 
-def find_resume_checkpoint(run: Path) -> Path:
-    ck = run / "checkpoints"
-    last = ck / "last.ckpt"
-    if last.is_file():
-        return last
-    steps = sorted(ck.glob("step*.ckpt"))
-    if steps:
-        return steps[-1]
-    raise UserError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
+def find_resume_checkpoint(run: Path) -> tuple[Path, list[str]]:
+    """The newest intact checkpoint of ``run`` to continue from, and notes for the log on what was skipped.
+
+    Candidates: ``last.ckpt``, ``step*.ckpt`` and ``best.ckpt``, by the global step they hold (read
+    memory-mapped), ``last.ckpt`` first among equals; a full disk can leave ``last.ckpt`` one save
+    behind the step file written just before it.  A damaged one (truncated, garbage, failing its
+    checksums) is skipped with a note.  Every checkpoint in the folder is first checked for foreign
+    content (a :class:`UserError`; nothing is unpickled); none intact is a :class:`UserError`
+    saying how to start over.
+    """
+    ck_dir = run / "checkpoints"
+    for p in sorted(ck_dir.glob("*.ckpt")) if ck_dir.is_dir() else []:
+        try:
+            found = torch_file_globals(p)
+        except Exception:  # damaged: the candidates loop below says so if it matters
+            continue
+        _refuse_foreign(p, found)
+    cands = checkpoint_candidates(ck_dir)
+    if not cands:
+        raise UserError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
+    notes, loadable = [], []
+    for i, p in enumerate(cands):
+        step, problem = _peek_checkpoint(p)
+        if problem is None:
+            loadable.append((-step, i, p))
+        else:
+            notes.append(f"{p}: {problem}; skipped")
+    for neg_step, _, p in sorted(loadable):  # newest step first; last.ckpt first among equals
+        problem = _checksum_problem(p)
+        if problem is None:
+            if p != cands[0] or notes:
+                notes.append(f"resuming from {p.name} (step {-neg_step}), the newest intact checkpoint")
+            return p, notes
+        notes.append(f"{p}: {problem}; skipped")
+    first = notes[0].removesuffix("; skipped")
+    raise UserError(f"{ck_dir}: no intact checkpoint to resume from ({len(cands)} damaged; {first}); start over: "
+                    "run the same command without --resume (the damaged files are kept as *.damaged) or choose a new --out")
 
 
 def run(args) -> int:
@@ -475,10 +805,11 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
     run_dir = Path(out)
     rank = _env_rank()
     ckpt_path = None
+    notes: list[str] = []  # about the run folder's checkpoints; logged once the run's log file is open
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: no config.yaml; nothing to resume (start the run without --resume)")
-        ckpt_path = find_resume_checkpoint(run_dir)
+        ckpt_path, notes = find_resume_checkpoint(run_dir)
         saved, source = load_config_with_source(run_dir / "config.yaml")
         if method is not None and saved.get("method") not in (None, method):
             raise UserError(f"{run_dir}: this run used --method {saved.get('method')}, not {method}")
@@ -487,10 +818,11 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
             log.warning("--data %s differs from the run's data.root %s; using --data", data, cfg["data"]["root"])
             cfg["data"]["root"] = str(Path(data).resolve())
     else:
-        started = (run_dir / "encoder.safetensors").exists() or any((run_dir / "checkpoints").glob("*.ckpt"))
-        if rank == 0 and started:  # a folder from a start that failed before training is reused
-            raise UserError(f"{run_dir}: already holds a run; use --resume to continue it or choose a new --out")
         cfg = resolve_config(method, config, overrides, data)
+        if rank == 0:  # a folder from a start that failed before training (or before its first intact checkpoint) is reused
+            held, notes = existing_run(run_dir)
+            if held:
+                raise UserError(f"{run_dir}: already holds a run ({held}); use --resume to continue it or choose a new --out")
     method = cfg["method"]
     threads, threads_note = get(cfg, "trainer.cpu_threads"), None
     if threads == "auto":  # one thread per idle core, measured now (logged below, into the run's log)
@@ -516,14 +848,19 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
     L.seed_everything(seed, workers=True, verbose=False)
     model = get_method(method)(cfg, store)  # user errors (weights, backbone) before anything is written
     file_log = None
-    if rank == 0:  # other DDP ranks write nothing (and must not race rank 0's "already a run" check)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", "checkpoints", "previews"):
-            (run_dir / sub).mkdir(exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "versions.json", package_versions())
-        file_log = add_file_log(run_dir / "logs" / "pretrain.log")
     try:
+        if rank == 0:  # other DDP ranks write nothing (and must not race rank 0's "already a run" check)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for sub in ("logs", "checkpoints", "previews"):
+                (run_dir / sub).mkdir(exist_ok=True)
+            notes = notes + _clear_partial_writes(run_dir / "checkpoints")
+            save_config(cfg, run_dir / "config.yaml")
+            write_json(run_dir / "versions.json", package_versions())
+            file_log = add_file_log(run_dir / "logs" / "pretrain.log")
+            for note in notes:  # damaged checkpoints skipped or set aside, partial writes removed
+                log.warning(note)
+            if ckpt_path is not None:
+                log.info("resuming from %s", ckpt_path)
         log.info("method %s, encoder %s %s, %d train / %d val images, input mean %.4f std %.4f (%s)",
                  method, model.arch, model.model_kwargs, len(train_rows), len(val_rows), d["mean"], d["std"],
                  stats_source)
@@ -542,8 +879,12 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
             # our batch sampler skips the batches a resumed epoch already trained on (see
             # StoreData.train_dataloader), so Lightning's "dataloader is not resumable" does not apply
             warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
-            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=False)
+            # the checkpoint is read by the engine's CheckpointIO (read_checkpoint: vetted, weights only)
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
         elapsed = time.time() - t0
+        # the full training state (weights_only=False here means "not only the weights": optimizer,
+        # loops, callbacks -- all tensors and plain values), written atomically by write_checkpoint;
+        # --resume of a finished run continues from it (e.g. with a larger trainer.max_steps)
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         if trainer.interrupted:
             raise UserError(f"{run_dir}: interrupted at step {trainer.global_step}; continue with --resume")
@@ -552,6 +893,14 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
         if trainer.is_global_zero:
             result["encoder"] = export_encoder(model, trainer, cfg, run_dir)
         return result
+    except UserError:
+        raise
+    except Exception as e:  # a full disk anywhere (logs, previews, encoder): one line, and --resume continues
+        full = _disk_full_error(e)
+        if full is None:
+            raise
+        where = Path(full.filename) if full.filename else run_dir
+        raise UserError(_disk_full_message(where, None, _free_bytes(where if where.is_dir() else where.parent))) from None
     finally:
         if file_log is not None:
             import logging
@@ -589,9 +938,12 @@ def _build_trainer(cfg, run_dir: Path, model, use_val: bool, extra_callbacks, st
     ck_dir = run_dir / "checkpoints"
     every = int(t.get("checkpoint_every_n_steps") or 0) or None
     callbacks = [
-        ModelCheckpoint(dirpath=ck_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=every, save_top_k=int(t.get("keep_checkpoints", -1)),
-                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False),
+        # the newest keep_checkpoints step files (what --resume falls back to) + last.ckpt; a file of
+        # the same name is replaced (no -v1 copies), atomically (see write_checkpoint)
+        _step_checkpoint_class()(dirpath=ck_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=every, save_top_k=int(t.get("keep_checkpoints", 3)),
+                                 monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False,
+                                 enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
     ]
     if use_val:
@@ -617,7 +969,7 @@ def _build_trainer(cfg, run_dir: Path, model, use_val: bool, extra_callbacks, st
         val_check_interval=t.get("val_check_interval"), limit_val_batches=t.get("limit_val_batches", 1.0),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("enable_progress_bar", True)),
         sync_batchnorm=bool(t.get("sync_batchnorm", False)), deterministic=bool(t.get("deterministic", False)),
-        use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
+        use_distributed_sampler=False, callbacks=callbacks, logger=loggers, plugins=[_checkpoint_io()],
         reload_dataloaders_every_n_epochs=1 if model.reload_dataloaders_every_epoch else 0,
         num_sanity_val_steps=0,
     )
@@ -650,9 +1002,13 @@ def export_encoder(model, trainer, cfg, run_dir: Path) -> Path:
     used = "last"
     best = run_dir / "checkpoints" / "best.ckpt"
     if which == "best" and best.is_file():
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict(state, strict=False)  # non-persistent buffers are not in the checkpoint
-        used = "best"
+        problem = inspect_checkpoint(best)  # foreign content: UserError, never unpickled
+        if problem is None:
+            state = read_checkpoint(best)["state_dict"]
+            model.load_state_dict(state, strict=False)  # non-persistent buffers are not in the checkpoint
+            used = "best"
+        else:  # the end of a long run is no time to stop: the last weights are exported, and said so
+            log.warning("%s: %s; exporting the last weights instead", best, problem)
     meta = model.encoder_meta()
     d = cfg["data"]
     meta["image_size"] = int(d["image_size"])
