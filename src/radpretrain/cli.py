@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("radpretrain.data.ingest", "turn DICOM/PNG/JPEG/TIFF/NIfTI/NPZ files into a de-identified dataset store"),
     "split": ("radpretrain.data.splits", "patient-grouped train/val/test split, folds and nested label fractions"),
     "info": ("radpretrain.data.info", "summarise a dataset store (counts, QC, splits) and draw a sample grid"),
+    "verify": ("radpretrain.data.verify", "check a dataset store's shards and pixel hashes against its manifest"),
     "pretrain": ("radpretrain.pretrain", "pretrain an encoder on a dataset store (MAE, DeepCluster, Genesis, ...)"),
     "evaluate": ("radpretrain.evaluate.cli", "compare inits (scratch, ImageNet, yours) on a labelled task with CIs"),
     "export": ("radpretrain.export", "export a run's encoder as a shareable model folder (safetensors + card)"),
