@@ -25,7 +25,7 @@ import argparse
 import gc
 import hashlib
 import io
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 import json
 import math
@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import stat
 import sys
 from operator import itemgetter
 from pathlib import Path
@@ -42,9 +43,11 @@ import pandas as pd
 
 from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
-from radpretrain.data.deid import Pseudonymizer, key_path
+from radpretrain.data.deid import (
+    Pseudonymizer, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens, key_path,
+)
 from radpretrain.data.store import (
-    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
+    CONTENT_HASH, MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
 )
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
@@ -56,10 +59,10 @@ CHUNK_DIR = "chunks"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 NIFTI_EXTS = (".nii", ".nii.gz")
 _INTERNAL = ["_file", "_item", "_pid_source"]
-MAX_AUTO_CLASSES = 50
-_CLASS_NAME = re.compile(r"[A-Za-z0-9 _+.\-]{1,32}")
-_ID_LIKE = re.compile(r"\d{5,}|\^")  # ids, dates, DICOM person names: not class names
-CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # inputs are opened without waiting (a FIFO would block)
+MAX_AUTO_CLASSES = 50  # --label-from-folder auto: at most this many class names,
+SMALL_VOCABULARY = 10  # and beyond this many,
+MIN_IMAGES_PER_CLASS = 10  # at least this many images per class name on average
 _PHI_COLUMN = re.compile(r"name|birth|\bdob\b|accession|\bmrn\b|address|phone|email|patient|physician", re.I)
 
 
@@ -72,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patient-id", metavar="REGEX", help="patient id of non-DICOM files from their relative path (first group)")
     p.add_argument("--label-from-folder", choices=("auto", "yes", "no"), default="auto",
                    help="parent folder name -> 'label' column (ImageFolder). auto: on when no --labels, every "
-                        "input is a PNG/JPEG/TIFF inside a sub-folder and there are >= 2 folder names")
+                        "input is a PNG/JPEG/TIFF inside a sub-folder and the folder names are a small class "
+                        "vocabulary, none of which looks like a person's name, a date or an id (else a warning); "
+                        "yes: your decision that they are not identifying (recorded in the store)")
     p.add_argument("--max-size", type=int, default=512, help="longest stored side in pixels (default 512)")
     p.add_argument("--min-size", type=int, default=32, help="images with a side shorter than this are quarantined (too_small)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
@@ -114,10 +119,13 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------- scanning
 
-def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
+def scan_sources(sources, counts: dict | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Sorted (absolute path, relative path) of every non-hidden file, and each file's source-root-relative path.
 
     Linked folders are followed (each target once), so an archive assembled from links is scanned whole.
+    Only regular files (and links to them) are inputs: FIFOs, sockets and devices are never opened (a
+    FIFO would block the read forever); they are counted in a warning, without their paths, and in
+    ``counts["not_regular"]``.  A dangling link stays an input (quarantined ``unreadable``).
 
     With several sources the relative path is prefixed by the source's name.
     """
@@ -128,28 +136,88 @@ def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
     names = [r.name for r in roots]
     if len(roots) > 1 and len(set(names)) != len(names):
         raise UserError("two sources share a folder name; give them distinct names or ingest them separately")
-    files, repeated = [], 0
+    files, repeated, special = [], 0, 0
     for r in roots:
         prefix = f"{r.name}/" if len(roots) > 1 else ""
         if r.is_file():
             files.append((os.path.abspath(r), prefix + r.name, r.name))
             continue
+        if not r.is_dir():
+            special += 1
+            continue
         top = os.path.abspath(r)
         seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: links are followed once
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        for dirpath, dirnames, filenames, n_special in _walk(top):
             seen.add(_dir_key(dirpath))
             dirnames[:], n = _walk_into(dirpath, dirnames, seen)
             repeated += n
+            special += n_special
             reldir = os.path.relpath(dirpath, top)
             reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
             joined = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join(dirpath, fn)
             rel_prefix = prefix + reldir
-            files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames if not fn.startswith("."))
+            files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames)
     if repeated:  # no paths: they may carry PHI
         log.warning("%d linked folder(s) not scanned: each links to a folder scanned already (a loop, or a "
                     "second link to one folder)", repeated)
+    if special:
+        log.warning(NOT_REGULAR_WARNING, special)
+    if counts is not None:
+        counts["not_regular"] = special
     files.sort(key=itemgetter(1))
     return [(a, b) for a, b, _ in files], [c for _, _, c in files]
+
+
+NOT_REGULAR_WARNING = "%d file(s) skipped: not regular files (FIFOs, sockets or devices are never read)"
+
+
+def _walk(top: str):
+    """``os.walk(top, followlinks=True)`` (top-down; the caller may prune ``dirnames``; folders that cannot be
+    listed are skipped) that also tells regular files from other entries: yields (dirpath, dirnames,
+    non-hidden regular files and dangling links, number of other non-hidden entries).
+
+    Entry types come from the folder listing (no system call per file), except for links, which are followed.
+    """
+    stack = [top]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirnames, filenames, special = [], [], 0
+        for e in entries:
+            if _entry_is(e.is_dir):
+                dirnames.append(e.name)
+            elif e.name.startswith("."):
+                continue
+            elif _entry_is(e.is_file) or _dangling(e):
+                filenames.append(e.name)
+            else:
+                special += 1
+        yield dirpath, dirnames, filenames, special
+        stack.extend(os.path.join(dirpath, d) for d in reversed(dirnames))
+
+
+def _entry_is(test) -> bool:
+    try:
+        return test()
+    except OSError:
+        return False
+
+
+def _dangling(entry) -> bool:
+    """A link whose target does not exist (kept as an input: it is quarantined as unreadable)."""
+    if not _entry_is(entry.is_symlink):
+        return False
+    try:
+        os.stat(entry.path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _dir_key(path: str) -> tuple[int, int]:
@@ -191,28 +259,129 @@ def _ext(rel: str) -> str:
 
 
 def decide_label_from_folder(mode: str, rels: list[str], has_labels_csv: bool, exts=None) -> bool:
-    """``exts``: ``_ext`` of each of ``rels`` when the caller has them."""
+    """``exts``: ``_ext`` of each of ``rels`` when the caller has them.  The rule is
+    :func:`folder_label_decision`'s, without reading the files' headers."""
+    return folder_label_decision(mode, rels, has_labels_csv, exts)[0]
+
+
+def folder_label_decision(mode: str, rels: list[str], has_labels_csv: bool, exts=None,
+                          files=None) -> tuple[bool, str | None]:
+    """(parent folder names become the ``label`` column?, why ``auto`` refused them: a warning, or None).
+
+    ``yes``/``no`` are the user's decision.  ``auto`` accepts an ImageFolder layout (no labels CSV, every
+    input a PNG/JPEG/TIFF by its name inside a sub-folder) whose parent folder names form a small class
+    vocabulary shared by many images (:func:`_vocabulary_problem`) and none of which may be a person's name,
+    a date or an identifier (:func:`deid.folder_name_looks_identifying`), nor, with ``files`` (the
+    (path, relative path) pairs of ``rels``' files, as :func:`scan_sources` gives them), a name or id in
+    the DICOM header of a file inside it (a DICOM file named as an image).  The warning gives counts,
+    never a name.
+    """
     if mode != "auto":
-        return mode == "yes"
+        return mode == "yes", None
     if has_labels_csv:
-        return False
-    classes, folder, n_inputs = set(), None, 0
+        return False, None
+    classes = _folder_classes(rels, exts)
+    if classes is None:  # not an ImageFolder layout: nothing to warn about
+        return False, None
+    why = _vocabulary_problem(classes)
+    if why is None:
+        n_bad = sum(folder_name_looks_identifying(c) for c in classes)
+        if n_bad:
+            why = (f"{n_bad} of {len(classes)} parent folder names look like a person's name, a date or an "
+                   "identifier (exports are often organised by patient)")
+    if why is None and files is not None:
+        n_bad = _folders_named_in_headers(files, rels)
+        if n_bad:
+            why = f"{n_bad} of {len(classes)} parent folder names match a name or id in their files' DICOM headers"
+    if why is None:
+        return True, None
+    return False, (f"parent folder names not used as labels: {why}; if they are class names, not identities, "
+                   "pass --label-from-folder yes")
+
+
+def _folder_classes(rels, exts) -> dict[str, int] | None:
+    """Parent folder name -> number of inputs in such folders, when every input (non-sidecar) is a
+    PNG/JPEG/TIFF by its name inside a sub-folder; else None."""
+    classes: dict[str, int] = {}
+    folder, name = None, ""
     for r, ext in zip(rels, exts if exts is not None else map(_ext, rels)):
-        # one pass: every input (non-sidecar) a PNG/JPEG/TIFF in a sub-folder; their folder names
         if ext in R.SIDECAR_EXTS:
             continue
         cut = r.rfind("/")
         if ext not in IMAGE_EXTS or cut < 0:
-            return False
-        n_inputs += 1
+            return None
         if r[:cut] != folder:
             folder = r[:cut]
-            classes.add(folder[folder.rfind("/") + 1:])  # == r.rsplit("/", 2)[-2]
-    if not n_inputs:
+            name = folder[folder.rfind("/") + 1:]  # == r.rsplit("/", 2)[-2]
+        classes[name] = classes.get(name, 0) + 1
+    return classes or None
+
+
+def _vocabulary_problem(classes: dict[str, int]) -> str | None:
+    """Why the folder names are not a small vocabulary shared by many images (None when they are):
+    2 to :data:`MAX_AUTO_CLASSES` names, and beyond :data:`SMALL_VOCABULARY` names at least
+    :data:`MIN_IMAGES_PER_CLASS` images per name on average (per-patient folders are many, with few images)."""
+    n, n_images = len(classes), sum(classes.values())
+    if n < 2:
+        return "only one parent folder name" if n else None
+    if n > MAX_AUTO_CLASSES or (n > SMALL_VOCABULARY and n_images < MIN_IMAGES_PER_CLASS * n):
+        return (f"{n} distinct parent folder names for {n_images} images are not a small class vocabulary "
+                f"(at most {SMALL_VOCABULARY}, or at most {MAX_AUTO_CLASSES} with {MIN_IMAGES_PER_CLASS} "
+                "images each on average)")
+    return None
+
+
+def _folders_named_in_headers(files, rels) -> int:
+    """How many parent folder names name a file inside them that is DICOM by content and whose header's
+    names or ids the folder's name carries (only the header is read; nothing is kept).
+
+    Every file's first bytes are read (threads hide the latency of network storage): about 10 µs a
+    file from the page cache, paid only when the names alone would have been accepted.
+    """
+    paths = [full for full, _ in files]
+    batches = [range(i, min(i + HEAD_BATCH, len(paths))) for i in range(0, len(paths), HEAD_BATCH)]
+    with ThreadPoolExecutor(min(HEAD_THREADS, max(1, len(batches)))) as pool:
+        dicom = [i for found in pool.map(lambda b: [i for i in b if _is_dicom_file(paths[i])], batches)
+                 for i in found]
+    bad: set[str] = set()
+    for i in dicom:
+        rel = rels[i]
+        folder = rel[:rel.rfind("/")]
+        name = folder[folder.rfind("/") + 1:]
+        if name in bad:
+            continue
+        try:
+            ds = R.read_dicom(paths[i], stop_before_pixels=True)
+        except R.ReadError:
+            continue
+        with R.quiet_pydicom():
+            identities = header_identity_tokens(ds)
+        if folder_name_in_header(name, identities):
+            bad.add(name)
+    return len(bad)
+
+
+HEAD_BATCH = 4096  # files per task of the header check
+HEAD_THREADS = 8
+
+
+def _is_dicom_file(full: str) -> bool:
+    """Whether a (regular) file is DICOM by content: its first bytes, read without waiting (no FIFO blocks)."""
+    try:
+        fd = os.open(full, _OPEN_FLAGS)
+    except OSError:
         return False
-    # folder names become label values: only names that look like class names, never per-patient folders
-    return 2 <= len(classes) <= MAX_AUTO_CLASSES and all(_CLASS_NAME.fullmatch(c) and not _ID_LIKE.search(c)
-                                                          for c in classes)
+    try:
+        head = os.read(fd, R.SNIFF_BYTES)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if head[128:132] == b"DICM":
+        return True
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")):
+        return False
+    return R.sniff(full, head=head) == "dicom"
 
 
 def load_labels(path) -> dict[str, dict]:
@@ -230,11 +399,44 @@ def load_labels(path) -> dict[str, dict]:
     if phi:
         raise UserError(f"{p}: columns {', '.join(phi)} look identifying and would be copied into the dataset; "
                         "remove them from the labels CSV")
+    df["path"] = df["path"].map(_norm_rel)
+    df = df.drop_duplicates()  # the same row twice: harmless
+    repeated = df["path"].duplicated(keep=False)
+    if repeated.any():  # a path left with several rows has rows that differ
+        n = int(df.loc[repeated, "path"].nunique())
+        raise UserError(f"{p}: {n} path(s) have several rows with different labels; keep one row per path")
     out = {}
     for rec in df.to_dict("records"):
-        key = _norm_rel(rec.pop("path"))
-        out[key] = rec
+        out[rec.pop("path")] = rec
     return out
+
+
+def labels_match_warning(label_map: dict, root_rels: list[str], rels) -> str | None:
+    """A warning when the labels CSV's paths match no file, or far fewer files than it has rows (None
+    otherwise), with the counts and a hint at the likely cause (never a path)."""
+    n_rows = len(label_map)
+    if not n_rows:
+        return None
+    names = set(root_rels)
+    names.update(rels)
+    matched = sum(k in names for k in label_map)
+    if matched >= LABELS_MATCH_FRACTION * n_rows:
+        return None
+    n_abs = sum(k.startswith("/") or bool(_DRIVE.match(k)) for k in label_map)
+    tails = {k.partition("/")[2] for k in label_map if "/" in k}
+    if n_abs:
+        hint = (f"{n_abs} of its paths are absolute; give each file's path relative to the source folder "
+                "(e.g. 'sub/x.png' for SRC/sub/x.png)")
+    elif tails and not tails.isdisjoint(names):
+        hint = "its paths seem to start with the source folder's own name; give them relative to that folder"
+    else:
+        hint = ("its paths must be relative to the source folder given to ingest, with '/' separators "
+                "(e.g. 'sub/x.png' for SRC/sub/x.png), and spelled as the file names are (case included)")
+    return f"labels CSV: {matched} of its {n_rows} paths match a file; {hint}"
+
+
+LABELS_MATCH_FRACTION = 0.5  # a labels CSV matching fewer of its rows than this is warned about
+_DRIVE = re.compile(r"[A-Za-z]:/")
 
 
 def _norm_rel(p: str) -> str:
@@ -464,7 +666,7 @@ def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
         "study_id": token("study", file_rel), "series_id": token("series", file_rel),
         "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": _NAN, "sex": "unknown",
         "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
-        "source": rel if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
+        "source": storable_text(rel) if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
         "content_hash": "", "status": "quarantined", "reason": "", "shard": "", "offset": -1,
         "_file": int(order[0]), "_item": int(order[1]), "_pid_source": pid_source,
     }
@@ -474,8 +676,20 @@ def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
         for col in cfg["label_columns"]:
             row[col] = rec.get(col) if rec else None
     if cfg.get("label_from_folder"):
-        row["label"] = root_rel.rsplit("/", 2)[-2] if "/" in root_rel else ""
+        row["label"] = storable_text(root_rel.rsplit("/", 2)[-2]) if "/" in root_rel else ""
     return row
+
+
+def storable_text(text: str) -> str:
+    """``text`` as the manifest (UTF-8) can hold it: the bytes of a file name that are not UTF-8 (which
+    Python keeps as surrogate escapes) become ``\\xNN``, as ``ls -b`` shows them; other text is unchanged."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
@@ -553,18 +767,23 @@ def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
     """(kind by content, the whole file for PNG/JPEG/TIFF else None): one open for sniffing and decoding.
 
     Plain system calls (no file object): the head, then the whole file from its start up to its end
-    (normally one read, so the bytes are not joined from pieces).
+    (normally one read, so the bytes are not joined from pieces).  Only a regular file is read: the open
+    does not wait (``O_NONBLOCK``: a FIFO that replaced a file since the scan would block it forever), and
+    anything else is ``unreadable``.
     """
     try:
-        fd = os.open(full, os.O_RDONLY)
+        fd = os.open(full, _OPEN_FLAGS)
     except OSError:
         return "unreadable", None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "unreadable", None
         head = os.read(fd, R.SNIFF_BYTES)
         kind = R.sniff(full, head=head)
         if kind not in R.IMAGE_KINDS:
             return kind, None
-        size = os.fstat(fd).st_size
+        size = st.st_size
         parts, off = [], 0
         while more := os.pread(fd, max(size + 1 - off, 1 << 16), off):  # whole file, normally in one read
             parts.append(more)
@@ -757,13 +976,19 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     if chunk_size < 1 or max_size < 8:
         raise UserError("--chunk-size must be >= 1 and --max-size >= 8")
     pseudo = Pseudonymizer(key)
-    files, root_rels = scan_sources(sources)
+    scanned: dict = {}
+    files, root_rels = scan_sources(sources, scanned)
     if not files:
         raise UserError(f"{', '.join(map(str, sources))}: no files found (names starting with '.' are skipped)")
     label_map = load_labels(labels) if labels else None
     label_cols = sorted({c for rec in label_map.values() for c in rec}) if label_map else []
     exts = [_ext(r) for r in root_rels]  # a prefix (several sources) is a folder: same extensions as ``files``
-    lff = decide_label_from_folder(label_from_folder, root_rels, bool(label_map), exts)
+    warnings = [NOT_REGULAR_WARNING % scanned["not_regular"]] if scanned.get("not_regular") else []
+    lff, refused = folder_label_decision(label_from_folder, root_rels, bool(label_map), exts, files)
+    for w in (refused, label_map and labels_match_warning(label_map, root_rels, map(itemgetter(1), files))):
+        if w:
+            log.warning("%s", w)
+            warnings.append(w)
     public = {
         "max_size": max_size, "min_size": min_size, "chunk_size": chunk_size, "keep_paths": bool(keep_paths),
         "patient_regex": patient_id or "", "label_from_folder": lff, "nifti_slices": nifti_slices,
@@ -786,7 +1011,8 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
-                           "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public})
+                           "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public,
+                           "label_from_folder_mode": label_from_folder, "warnings": warnings})
     _remove_tmp(out)
     mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
     todo = [k for k in mine if not _chunk_paths(out, k)[1].is_file()]
@@ -994,7 +1220,10 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
     summary["patient_id_sources"] = {k: int(v) for k, v in pid_sources.items()}
     if opts_label := plan.get("options", {}).get("label_from_folder"):
         summary["label_from_folder"] = bool(opts_label)
+        summary["label_from_folder_decision"] = _label_decision(plan)
         summary["n_folder_labels"] = int(df["label"].nunique()) if "label" in df.columns else 0
+    if plan.get("warnings"):
+        summary["warnings"] = list(plan["warnings"])
     if partition:
         summary["partition"] = f"{partition[0]}/{partition[1]}"
     write_json(out / "qc_summary.json", summary)
@@ -1009,9 +1238,16 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
     if partition:
         meta["partition"] = f"{partition[0]}/{partition[1]}"
     meta["label_from_folder"] = bool(opts.get("label_from_folder", False))
+    if meta["label_from_folder"]:
+        meta["label_from_folder_decision"] = _label_decision(plan)
     meta["patient_regex"] = bool(opts.get("patient_regex"))
     write_store_meta(out, dtype="uint8", max_size=opts.get("max_size", 512), **meta)
     return summary
+
+
+def _label_decision(plan: dict) -> str:
+    """Who decided that folder names are labels: 'explicit' (--label-from-folder yes) or 'auto'."""
+    return "explicit" if plan.get("label_from_folder_mode") == "yes" else "auto"
 
 
 def qc_summary(df: pd.DataFrame, sidecars: int) -> dict:
@@ -1040,7 +1276,11 @@ def print_summary(s: dict, out) -> None:
     print("  modality: " + ", ".join(f"{k} {v}" for k, v in s["by_modality"].items()))
     print("  body part: " + ", ".join(f"{k} {v}" for k, v in s["by_body_part"].items()))
     if s.get("label_from_folder"):
-        print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes)")
+        how = ("--label-from-folder yes: you vouched they are not identifying"
+               if s.get("label_from_folder_decision") == "explicit" else "they look like class names")
+        print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes; {how})")
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}")
     if s.get("patient_id_source") == "per-file":
         print("  warning: some images have no patient id (each file is its own patient); "
               "use --patient-id REGEX so splits can group a patient's images")

@@ -315,11 +315,14 @@ def merge_stores(stores, out) -> dict:
     label_from_folder = any(bool(i.plan.get("options", {}).get("label_from_folder", i.meta.get("label_from_folder")))
                             for i in inputs)
     patient_regex = any(bool(i.meta.get("patient_regex")) for i in inputs)
+    # folder labels: explicit when any store's were (--label-from-folder yes), else decided by 'auto'
+    decision = "explicit" if any(i.plan.get("label_from_folder_mode") == "yes" for i in inputs) else "auto"
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / WORK_DIR / "plan.json", {
         "kind": PLAN_KIND, "fingerprint": fingerprint, "key_fingerprint": first.options["key_fingerprint"],
-        "options": {**common, "label_from_folder": label_from_folder}, "inputs": [i.ident for i in inputs]})
+        "options": {**common, "label_from_folder": label_from_folder}, "inputs": [i.ident for i in inputs],
+        "label_from_folder_mode": "yes" if decision == "explicit" else "auto"})
     _remove_tmp(out)
 
     # shards: only those that hold an image still ingested after the merge
@@ -350,6 +353,7 @@ def merge_stores(stores, out) -> dict:
     labels = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     if label_from_folder:
         summary["label_from_folder"] = True
+        summary["label_from_folder_decision"] = decision
         summary["n_folder_labels"] = int(df["label"].nunique()) if "label" in df.columns else 0
     summary["merged_stores"] = len(inputs)
     write_json(out / "qc_summary.json", summary)
@@ -361,6 +365,8 @@ def merge_stores(stores, out) -> dict:
         "n_shards": len(wanted), "label_columns": labels, "keep_paths": bool(common["keep_paths"]),
         "label_from_folder": label_from_folder, "patient_regex": patient_regex, "merged_stores": len(inputs),
     }
+    if label_from_folder:
+        meta["label_from_folder_decision"] = decision
     write_store_meta(out, dtype=first.options["dtype"] or "uint8", max_size=common["max_size"], **meta)
     write_manifest(out, df)  # last: a manifest means the merge finished
     return {**summary, "splits_not_carried": sum(i.has_splits for i in inputs)}
