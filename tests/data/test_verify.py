@@ -1,8 +1,10 @@
-"""Store integrity: ``radpretrain verify`` and one-line errors on opening a damaged store."""
+"""Store integrity: ``radpretrain verify``, one-line errors on opening a damaged store, repair by rerunning ingest."""
 
 import json
+import os
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -110,3 +112,70 @@ def test_verify_reports_every_damage_and_exit_status(store, capfd):
     (out / "shards" / "chunk-000001.bin").unlink()
     rc, stdout, _ = _run(["verify", out, "--json"], capfd)
     assert rc == 1 and json.loads(stdout)["missing_shards"] == ["chunk-000001.bin"]
+
+
+def test_rerunning_ingest_repairs_a_damaged_store(store, tmp_path, capfd, caplog):
+    src, out = store
+    ref = tmp_path / "ref"
+    _ingest(src, ref)
+    img = Store(out).images
+    _flip(out / "shards" / "chunk-000000.bin", int(img.loc[1, "offset"]) + 5)  # same size, other pixels
+    _truncate(out / "shards" / "chunk-000002.bin", 7)
+    (out / "manifest.parquet").write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="radpretrain.data.ingest"):
+        rc, stdout, stderr = _run(["ingest", src, "--out", out, "--workers", "1", "--chunk-size", CHUNK], capfd)
+    assert rc == 0 and "repaired: 2 damaged chunk(s) replaced" in stdout
+    assert "2 chunk(s) of the store are damaged (shards chunk-000000, chunk-000002)" in caplog.text
+    assert verify_store(out)["ok"]
+    pd.testing.assert_frame_equal(pd.read_parquet(ref / "manifest.parquet"), pd.read_parquet(out / "manifest.parquet"))
+    for a, b in zip(sorted((ref / "shards").iterdir()), sorted((out / "shards").iterdir())):
+        assert a.read_bytes() == b.read_bytes()
+    # a garbage chunk manifest, or a resumed (unfinished) store with a cut shard, is redone too
+    (out / ".ingest" / "chunks" / "chunk-000001.parquet").write_bytes(b"garbage")
+    (out / "manifest.parquet").unlink()
+    _truncate(out / "shards" / "chunk-000000.bin", 5)
+    summary = _ingest(src, out)
+    assert summary["repaired_chunks"] == 2 and verify_store(out)["ok"]
+    pd.testing.assert_frame_equal(pd.read_parquet(ref / "manifest.parquet"), pd.read_parquet(out / "manifest.parquet"))
+
+
+def test_a_store_that_cannot_be_repaired_in_place_says_how_to_rebuild(store):
+    src, out = store
+    (out / ".ingest" / "plan.json").write_text("garbage")
+    with pytest.raises(UserError, match="plan.json: cannot be read, so this ingest cannot be resumed or repaired"):
+        _ingest(src, out)
+    os.remove(out / ".ingest" / "plan.json")
+    with pytest.raises(UserError, match="without its .ingest folder, so it cannot be resumed or repaired in place; "
+                                        "ingest into a new folder"):
+        _ingest(src, out)
+
+
+def test_merged_partitions_are_repaired_from_intact_partitions(tmp_path, capfd):
+    src = _src(tmp_path)
+    parts = [tmp_path / f"p{i}" for i in (1, 2)]
+    for i, p in enumerate(parts, 1):
+        _ingest(src, p, partition=f"{i}/2")
+    merged = tmp_path / "merged"
+    assert _run(["ingest", "--merge", *parts, "--out", merged], capfd)[0] == 0
+    ref = pd.read_parquet(merged / "manifest.parquet")
+    # merged shards are hard links of the partitions' shards: cut one, and both copies are cut
+    _truncate(merged / "shards" / "chunk-000001.bin", 9)
+    rc, _, stderr = _run(["ingest", "--merge", *parts, "--out", merged], capfd)
+    assert rc == 2 and "chunk 1 (chunk-000001) is damaged in every partition that holds it" in stderr
+    _ingest(src, parts[1], partition="2/2")  # the partition's own rerun repairs it
+    rc, stdout, _ = _run(["ingest", "--merge", *parts, "--out", merged], capfd)
+    assert rc == 0 and "repaired: 1 damaged chunk(s)" in stdout
+    assert verify_store(merged)["ok"] and verify_store(parts[1])["ok"]
+    pd.testing.assert_frame_equal(ref, pd.read_parquet(merged / "manifest.parquet"))
+
+
+def test_merging_a_store_with_a_truncated_shard_is_refused(tmp_path, capfd):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ingest(_src(tmp_path), a)
+    other = tmp_path / "other" / "new"
+    other.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(99).integers(0, 256, (40, 48), dtype=np.uint8)).save(other / "n.png")
+    _ingest(tmp_path / "other", b)
+    _truncate(a / "shards" / "chunk-000001.bin", 3)
+    rc, _, stderr = _run(["ingest", "--merge", a, b, "--out", tmp_path / "m"], capfd)
+    assert rc == 2 and "chunk-000001.bin: shard truncated (3 bytes" in stderr and "repair" in stderr

@@ -8,12 +8,14 @@ written to its own shard plus a chunk manifest (atomically, the manifest last)
 ``qc_summary.json`` and ``store.json`` written.
 
 Resuming: ``DATASET/.ingest/plan.json`` holds a keyed fingerprint of the file
-list and options (no paths).  A chunk whose manifest exists is done; anything
+list and options (no paths).  A chunk whose manifest exists and whose shard is
+intact (its size; on a finished store also its pixels' hashes) is done; anything
 else is redone, so a run killed at any moment and started again ends with the
-same manifest as an uninterrupted run.  ``--partition i/N`` processes only
-chunks ``k`` with ``k % N == i - 1``; ``--merge PART... --out DATASET`` joins
-partition stores made from the same archive and options, and finished stores made
-from different file lists with the same key and pixel options (:mod:`.merge`).
+same manifest as an uninterrupted run, and a rerun repairs a damaged store.
+``--partition i/N`` processes only chunks ``k`` with ``k % N == i - 1``;
+``--merge PART... --out DATASET`` joins partition stores made from the same archive
+and options, and finished stores made from different file lists with the same key
+and pixel options (:mod:`.merge`).
 
 Nothing identifying is written or logged: ids are keyed pseudonyms, paths are
 shown as their token unless ``--keep-paths``, and read errors are reason codes.
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
@@ -49,6 +52,7 @@ from radpretrain.data.deid import (
 from radpretrain.data.store import (
     CONTENT_HASH, MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
 )
+from radpretrain.data.verify import check_shard
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
 
@@ -642,7 +646,6 @@ def _write_rows(rows: list[dict], path: Path):
     Reading the file back gives the same table (schema and values: strings, int64, float64, all-null
     columns as null), so the caller can keep the table instead of reading the file.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
@@ -1001,13 +1004,7 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     n_chunks = max(1, math.ceil(len(files) / chunk_size)) if files else 0
     work = out / WORK_DIR
     plan_path = work / "plan.json"
-    if plan_path.is_file():
-        old = read_json(plan_path)
-        if old.get("fingerprint") != fp:
-            raise UserError(f"{out}: holds an ingest of other files, options or de-id key; "
-                            "use another --out (or delete it to start again)")
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not an ingest in progress; choose an empty or new folder")
+    _check_resumable(out, plan_path, fp)
     (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
@@ -1015,14 +1012,80 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
                            "label_from_folder_mode": label_from_folder, "warnings": warnings})
     _remove_tmp(out)
     mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
-    todo = [k for k in mine if not _chunk_paths(out, k)[1].is_file()]
+    # a finished store (its manifest written) is checked down to its pixels' hashes, a resumed one for sizes
+    intact, damaged = check_chunks(out, mine, deep=(out / "manifest.parquet").is_file())
+    todo = [k for k in mine if k not in intact]
     cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
                label_columns=label_cols, patient_regex=patient_id,
                nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
     log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
              f", partition {part[0]}/{part[1]}" if part else "")
     done = _run_chunks(todo, cfg, workers, files, progress, exts)
-    return finalise(out, mine, partition=part, done=done)
+    summary = finalise(out, mine, partition=part, done={**intact, **done})
+    if damaged:
+        summary["repaired_chunks"] = len(damaged)
+    return summary
+
+
+def _check_resumable(out: Path, plan_path: Path, fp: str) -> None:
+    """``out`` is new, empty, or an ingest of the same plan (resumed, or repaired when finished)."""
+    if plan_path.is_file():
+        try:
+            old = read_json(plan_path)
+        except (OSError, ValueError):
+            raise UserError(f"{plan_path}: cannot be read, so this ingest cannot be resumed or repaired; "
+                            "delete the folder and run the command again (or use another --out)") from None
+        if not isinstance(old, dict) or old.get("fingerprint") != fp:
+            raise UserError(f"{out}: holds an ingest of other files, options or de-id key; "
+                            "use another --out (or delete it to start again)")
+    elif (out / "store.json").is_file() or (out / "manifest.parquet").is_file():
+        raise UserError(f"{out}: holds a store without its {WORK_DIR} folder, so it cannot be resumed or repaired "
+                        "in place; ingest into a new folder (or delete this one and run again)")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not an ingest in progress; choose an empty or new folder")
+
+
+def check_chunks(out: Path, chunks, deep: bool = False, remove: bool = True) -> tuple[dict, list[int]]:
+    """({chunk: (manifest table, sidecar count)} of the committed chunks that are intact, [damaged chunks]).
+
+    A committed chunk is damaged when its manifest or stats cannot be read, or its shard is missing or not
+    exactly as long as its images (``deep``: or an image's pixels lack their ``content_hash``).  It is
+    warned about, with the count, and (``remove``) its files are removed, so it is redone like a chunk
+    never done.
+    """
+    intact, damaged = {}, []
+    for k in chunks:
+        if not _chunk_paths(out, k)[1].is_file():
+            continue
+        state = chunk_state(out, k, deep)
+        if state is None:
+            damaged.append(k)
+            for p in _chunk_paths(out, k) if remove else ():
+                p.unlink(missing_ok=True)
+        else:
+            intact[k] = state
+    if damaged:
+        log.warning("%d chunk(s) of the store are damaged (shards %s); they are done again", len(damaged),
+                    ", ".join(chunk_name(k) for k in damaged[:10]) + (", ..." if len(damaged) > 10 else ""))
+    return intact, damaged
+
+
+def chunk_state(out: Path, k: int, deep: bool = False) -> tuple | None:
+    """(manifest table, sidecar count) of committed chunk ``k`` when intact (see :func:`check_chunks`), else None."""
+    shard, manifest, stats_path = _chunk_paths(out, k)
+    columns = ["status", "offset", "height", "width", "content_hash"]
+    try:
+        table = _read_chunk_table(manifest)
+        n_sidecars = int(read_json(stats_path)["sidecar_skipped"]) if stats_path.is_file() else 0
+        rows = table.select(columns).to_pandas() if table.num_rows else pd.DataFrame(columns=columns)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
+    rows = rows[rows["status"] == "ingested"]
+    size, needed, bad = check_shard(shard, rows["offset"].to_numpy(), rows["height"].to_numpy(),
+                                    rows["width"].to_numpy(), rows["content_hash"].to_numpy() if deep else None)
+    if len(bad) or (size is not None and size != needed) or (size is None and needed):
+        return None
+    return table, n_sidecars
 
 
 def _remove_tmp(out: Path) -> None:
@@ -1126,8 +1189,6 @@ def _read_chunks(out: Path, chunks, done=None) -> tuple[pd.DataFrame, int]:
     ``done``: {chunk: (manifest table, sidecar count)} of chunks this process has just committed
     (the same as their files hold); the others are read from their files.
     """
-    import pyarrow as pa
-
     done = done or {}
     tables, sidecars = [], 0
     for k in chunks:
@@ -1281,6 +1342,8 @@ def print_summary(s: dict, out) -> None:
         print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes; {how})")
     for w in s.get("warnings", []):
         print(f"  warning: {w}")
+    if s.get("repaired_chunks"):
+        print(f"  repaired: {s['repaired_chunks']} damaged chunk(s) replaced by intact ones")
     if s.get("patient_id_source") == "per-file":
         print("  warning: some images have no patient id (each file is its own patient); "
               "use --patient-id REGEX so splits can group a patient's images")
@@ -1322,13 +1385,20 @@ def merge_partitions(parts: list[Path], out: Path) -> dict:
     (out / WORK_DIR / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / WORK_DIR / "plan.json", plans[0])
+    # a finished merge is checked down to its pixels' hashes; a damaged chunk is linked again (over its
+    # files) from a partition that holds it intact; the partitions' chunks are checked for sizes
+    intact, damaged = check_chunks(out, range(n_chunks), deep=(out / "manifest.parquet").is_file(), remove=False)
     for k in range(n_chunks):
-        dst = _chunk_paths(out, k)
-        if dst[1].is_file():
+        if k in intact:
             continue
-        src = next((tuple(_chunk_paths(p, k)) for p in parts if _chunk_paths(p, k)[1].is_file()), None)
-        if src is None:
+        dst = _chunk_paths(out, k)
+        held = [p for p in parts if _chunk_paths(p, k)[1].is_file()]
+        if not held:
             raise UserError(f"chunk {k} of {n_chunks} is in none of the partitions; finish the missing partition first")
+        src = next((tuple(_chunk_paths(p, k)) for p in held if chunk_state(p, k) is not None), None)
+        if src is None:
+            raise UserError(f"{held[0]}: chunk {k} ({chunk_name(k)}) is damaged in every partition that holds it; "
+                            "run that partition's ingest command again to repair it, then merge again")
         for s, d in ((src[0], dst[0]), (src[2], dst[2]), (src[1], dst[1])):  # manifest last
             if s.is_file():
                 tmp = d.with_name(f"{d.name}.{os.getpid()}.tmp")
@@ -1337,4 +1407,7 @@ def merge_partitions(parts: list[Path], out: Path) -> dict:
                 except OSError:
                     shutil.copyfile(s, tmp)
                 os.replace(tmp, d)
-    return finalise(out, range(n_chunks))
+    summary = finalise(out, range(n_chunks), done=intact)
+    if damaged:
+        summary["repaired_chunks"] = len(damaged)
+    return summary
