@@ -1,6 +1,7 @@
 """Ingest against hostile or unlucky inputs: wrong DICOM pixel lengths, FIFOs and sockets, non-UTF-8 file
-names, inconsistent labels CSVs."""
+names, inconsistent labels CSVs, a full disk."""
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from radpretrain import cli
+from radpretrain.data import store as S
 from radpretrain.data.ingest import ingest
 from radpretrain.errors import UserError
 
@@ -151,3 +153,61 @@ def test_labels_csv_matching_no_file_is_warned_with_counts_and_a_hint(tmp_path, 
     csv.write_text("path,lesion\na.png,1\nb.png,0\n")  # a CSV covering part of the files: no warning
     rc, stdout, stderr = _run(["ingest", src, "--out", tmp_path / "o3", "--labels", csv, "--workers", "1"], capfd)
     assert rc == 0 and "labels CSV" not in stdout + stderr
+
+
+# ----------------------------------------------------------------------------- disk full
+
+def _disk_fills_after(mp, n_writes):
+    """Shard writes fail with ENOSPC after ``n_writes`` successful ones (in this process and forked workers)."""
+    real, calls = S._write_all, []
+
+    def write_all(fd, views):
+        calls.append(1)
+        if len(calls) > n_writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, views)
+
+    mp.setattr(S, "_write_all", write_all)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_is_one_line_and_a_rerun_completes(tmp_path, monkeypatch, capfd, workers):
+    src = tmp_path / "src"
+    _pngs(src, [f"img{k:02d}.png" for k in range(12)])
+    ref = tmp_path / "ref"
+    ingest([src], ref, workers=1, progress=False, chunk_size=3)
+    out = tmp_path / "ds"
+    with monkeypatch.context() as mp:
+        _disk_fills_after(mp, 1)  # the first chunk is written, the second finds the disk full
+        rc, stdout, stderr = _run(["ingest", src, "--out", out, "--workers", workers, "--chunk-size", 3], capfd)
+    assert rc == 2 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("radpretrain ingest: error: ") and "no space left on device" in line
+    assert str(out / "shards" / "chunk-0000") in line and " free; this ingest needs " in line
+    assert "run the same command again" in line
+    rc, stdout, stderr = _run(["ingest", src, "--out", out, "--workers", workers, "--chunk-size", 3], capfd)
+    assert rc == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(ref / "manifest.parquet"), pd.read_parquet(out / "manifest.parquet"))
+    for a, b in zip(sorted((ref / "shards").iterdir()), sorted((out / "shards").iterdir())):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_disk_full_while_writing_the_manifest(tmp_path, monkeypatch):
+    from radpretrain.data import ingest as G
+
+    src = tmp_path / "src"
+    _pngs(src, ["a.png", "b.png"])
+    real = G.write_manifest
+
+    def full(root, df):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(G, "write_manifest", full)
+    out = tmp_path / "ds"
+    with pytest.raises(UserError, match="no space left on device .* free; this ingest needs about") as e:
+        ingest([src], out, workers=1, progress=False)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(G, "write_manifest", real)
+    assert ingest([src], out, workers=1, progress=False)["ingested"] == 2
+    assert len(S.Store(out)) == 2

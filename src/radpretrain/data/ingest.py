@@ -12,6 +12,7 @@ list and options (no paths).  A chunk whose manifest exists and whose shard is
 intact (its size; on a finished store also its pixels' hashes) is done; anything
 else is redone, so a run killed at any moment and started again ends with the
 same manifest as an uninterrupted run, and a rerun repairs a damaged store.
+A full disk is a one-line error (:func:`disk_full_error`); the rerun resumes.
 ``--partition i/N`` processes only chunks ``k`` with ``k % N == i - 1``;
 ``--merge PART... --out DATASET`` joins partition stores made from the same archive
 and options, and finished stores made from different file lists with the same key
@@ -24,6 +25,7 @@ shown as their token unless ``--keep-paths``, and read errors are reason codes.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import hashlib
 import io
@@ -106,7 +108,13 @@ def run(args) -> int:
     if args.merge:
         if args.sources:
             raise UserError("--merge takes stores, not SRC folders")
-        summary = merge_partitions([Path(p) for p in args.merge], out)
+        try:
+            summary = merge_partitions([Path(p) for p in args.merge], out)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise UserError(f"{e.filename or out}: no space left on device ({_free(out)} free); free some space "
+                            "and run the same command again: it resumes") from None
     else:
         if not args.sources:
             raise UserError("nothing to ingest: give at least one SRC folder or file")
@@ -649,7 +657,10 @@ def _write_rows(rows: list[dict], path: Path):
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    pq.write_table(table, path)
+    try:
+        pq.write_table(table, path)
+    except OSError as e:  # Arrow's errors name no file (e.g. disk full)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     return table
 
 
@@ -1005,23 +1016,28 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     work = out / WORK_DIR
     plan_path = work / "plan.json"
     _check_resumable(out, plan_path, fp)
-    (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
-                           "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public,
-                           "label_from_folder_mode": label_from_folder, "warnings": warnings})
-    _remove_tmp(out)
     mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
-    # a finished store (its manifest written) is checked down to its pixels' hashes, a resumed one for sizes
-    intact, damaged = check_chunks(out, mine, deep=(out / "manifest.parquet").is_file())
-    todo = [k for k in mine if k not in intact]
-    cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
-               label_columns=label_cols, patient_regex=patient_id,
-               nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
-    log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
-             f", partition {part[0]}/{part[1]}" if part else "")
-    done = _run_chunks(todo, cfg, workers, files, progress, exts)
-    summary = finalise(out, mine, partition=part, done={**intact, **done})
+    try:
+        (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
+                               "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public,
+                               "label_from_folder_mode": label_from_folder, "warnings": warnings})
+        _remove_tmp(out)
+        # a finished store (its manifest written) is checked down to its pixels' hashes, a resumed one for sizes
+        intact, damaged = check_chunks(out, mine, deep=(out / "manifest.parquet").is_file())
+        todo = [k for k in mine if k not in intact]
+        cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
+                   label_columns=label_cols, patient_regex=patient_id,
+                   nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
+        log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
+                 f", partition {part[0]}/{part[1]}" if part else "")
+        done = _run_chunks(todo, cfg, workers, files, progress, exts)
+        summary = finalise(out, mine, partition=part, done={**intact, **done})
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(out, e, mine, len(files), max_size) from None
     if damaged:
         summary["repaired_chunks"] = len(damaged)
     return summary
@@ -1086,6 +1102,45 @@ def chunk_state(out: Path, k: int, deep: bool = False) -> tuple | None:
     if len(bad) or (size is not None and size != needed) or (size is None and needed):
         return None
     return table, n_sidecars
+
+
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+
+
+def disk_full_error(out: Path, e: OSError, chunks, n_files: int, max_size: int) -> UserError:
+    """The one-line error for a full disk: the file being written, free space, and about how much more is needed."""
+    where = e.filename or out
+    free = _free(out)
+    done, shards, manifests = 0, 0, 0
+    for k in chunks:
+        shard, manifest, _ = _chunk_paths(out, k)
+        if manifest.is_file():
+            done += 1
+            manifests += manifest.stat().st_size
+            shards += shard.stat().st_size if shard.is_file() else 0
+    if done:  # the chunks left like those done, then the manifest (about all chunk manifests together)
+        per_chunk = (shards + manifests) / done
+        need = f"about {_size(per_chunk * (len(chunks) - done) + manifests / done * len(chunks))} more"
+    else:
+        need = f"up to {_size(n_files * max_size * max_size)} (images stored at most {max_size} x {max_size})"
+    return UserError(f"{where}: no space left on device ({free} free; this ingest needs {need}); free some "
+                     "space and run the same command again: it resumes where it stopped")
+
+
+def _free(out: Path) -> str:
+    try:
+        return _size(shutil.disk_usage(out if out.exists() else out.parent).free)
+    except OSError:
+        return "unknown"
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def _remove_tmp(out: Path) -> None:
@@ -1157,6 +1212,9 @@ def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
                             done[res["chunk"]] = (res["table"], res["sidecar_skipped"])
                             bar.update(res["files"])
                         broken = False
+                    except OSError:  # e.g. the disk is full: stop, do not start the chunks left
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
                     except BrokenProcessPool:
                         broken = True
                         for fut, k in futures.items():  # chunks finished before the break: keep them
