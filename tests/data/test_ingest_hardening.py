@@ -185,6 +185,7 @@ def test_disk_full_is_one_line_and_a_rerun_completes(tmp_path, monkeypatch, capf
     assert line.startswith("radpretrain ingest: error: ") and "no space left on device" in line
     assert str(out / "shards" / "chunk-0000") in line and " free; this ingest needs " in line
     assert "run the same command again" in line
+    assert not list(out.rglob("*.tmp"))  # the failed writes' temporaries are gone: the free space said is real
     rc, stdout, stderr = _run(["ingest", src, "--out", out, "--workers", workers, "--chunk-size", 3], capfd)
     assert rc == 0
     pd.testing.assert_frame_equal(pd.read_parquet(ref / "manifest.parquet"), pd.read_parquet(out / "manifest.parquet"))

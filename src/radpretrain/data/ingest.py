@@ -1037,6 +1037,7 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     except OSError as e:
         if not is_disk_full(e):
             raise
+        _remove_tmp_quietly(out)  # what the failed writes left: the free space said is then the real one
         raise disk_full_error(out, e, mine, len(files), max_size) from None
     if damaged:
         summary["repaired_chunks"] = len(damaged)
@@ -1126,6 +1127,13 @@ def disk_full_error(out: Path, e: OSError, chunks, n_files: int, max_size: int) 
         need = f"up to {_size(n_files * max_size * max_size)} (images stored at most {max_size} x {max_size})"
     return UserError(f"{where}: no space left on device ({free} free; this ingest needs {need}); free some "
                      "space and run the same command again: it resumes where it stopped")
+
+
+def _remove_tmp_quietly(out: Path) -> None:
+    try:
+        _remove_tmp(out)
+    except OSError:
+        pass
 
 
 def _free(out: Path) -> str:
