@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "patches": ("radpretrain.data.patches", "cut labelled 2-D patches around candidate points of CT volumes (LUNA16-style)"),
     "split": ("radpretrain.data.splits", "patient-grouped train/val/test split, folds and nested label fractions"),
     "info": ("radpretrain.data.info", "summarise a dataset store (counts, QC, splits) and draw a sample grid"),
+    "verify": ("radpretrain.data.verify", "check a dataset store's shards and pixel hashes against its manifest"),
     "pretrain": ("radpretrain.pretrain", "pretrain an encoder on a dataset store (MAE, DeepCluster, Genesis, ...)"),
     "evaluate": ("radpretrain.evaluate.cli", "compare inits (scratch, ImageNet, yours) on a labelled task with CIs"),
     "export": ("radpretrain.export", "export a run's encoder as a shareable model folder (safetensors + card)"),

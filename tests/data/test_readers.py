@@ -455,3 +455,27 @@ def test_content_hash_is_xxh3_128_of_dtype_shape_and_bytes():
     c = b.copy()
     c[111, 37] = 1  # one pixel one grey level brighter
     assert R.content_hash(b) != R.content_hash(c)
+
+
+def dicom_with_rows(path, arr, rows, tail=b""):
+    """A DICOM of ``arr`` whose header says ``rows`` rows (its pixel data left as it is, plus ``tail``)."""
+    ds = make_dicom(arr)
+    ds.PixelData = arr.tobytes() + tail
+    ds.Rows = rows
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("h,w", [(64, 80), (1200, 1000)])  # the second leaves its pixel data in the file (mapped)
+def test_pixel_length_mismatch_is_quarantined_not_cut(tmp_path, h, w):
+    arr = np.random.default_rng(1).integers(0, 4096, (h, w)).astype(np.uint16)
+    halved = dicom_with_rows(tmp_path / "halved.dcm", arr, h // 2)            # pixel data twice Rows x Columns
+    doubled = dicom_with_rows(tmp_path / "doubled.dcm", arr, h * 2)           # pixel data half of it
+    padded = dicom_with_rows(tmp_path / "padded.dcm", arr, h, tail=bytes(128))  # zero padding: harmless
+    for path in (halved, doubled):
+        with pytest.raises(R.ReadError) as e:
+            R.load_image(path)
+        assert e.value.reason == "pixel_length"
+    img, _ = R.load_image(padded)
+    assert img.shape == (h, w)
+    assert R.load_image(pydicom.data.get_testdata_file("MR_small_padded.dcm"))[0].shape == (64, 64)

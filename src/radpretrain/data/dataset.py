@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from radpretrain.data.store import Store
+from radpretrain.data.store import REPAIR_HINT, SHARD_DIR, Store
 from radpretrain.errors import UserError
 
 RESIZE_MODES = ("letterbox", "stretch", "bucket")
@@ -183,9 +183,10 @@ class StoreDataset(torch.utils.data.Dataset):
     # -- store access --------------------------------------------------------
     @property
     def store(self) -> Store:
-        """The :class:`Store` (reopened lazily after unpickling in a worker)."""
+        """The :class:`Store` (reopened lazily after unpickling in a worker, without reading its manifest
+        again: its shards were checked when the dataset was made, and :meth:`raw` checks each read)."""
         if self._store is None:
-            self._store = Store(self.root)
+            self._store = Store(self.root, check=False)
         return self._store
 
     def __getstate__(self):
@@ -201,7 +202,12 @@ class StoreDataset(torch.utils.data.Dataset):
         h, w = int(self._heights[pos]), int(self._widths[pos])
         m = self.store._map(self._shard_names[self._shard_codes[pos]])
         start = int(self._offsets[pos]) // self._itemsize
-        return np.asarray(m[start : start + h * w]).reshape(h, w)
+        flat = np.asarray(m[start : start + h * w])
+        if flat.size != h * w:  # the shard was cut short after the dataset was made
+            raise UserError(f"{self.root / SHARD_DIR / self._shard_names[self._shard_codes[pos]]}: shard truncated "
+                            f"(image at byte {int(self._offsets[pos])} missing); "
+                            + REPAIR_HINT.format(root=self.root))
+        return flat.reshape(h, w)
 
     def aspect_ratios(self) -> np.ndarray:
         """Height / width of every dataset position (for aspect-ratio buckets)."""

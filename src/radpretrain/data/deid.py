@@ -181,3 +181,106 @@ def normalise_sex(value) -> str:
 def dicom_age(ds) -> float:
     study = next((ds.get(k) for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate") if ds.get(k)), None)
     return age_years(ds.get("PatientAge"), ds.get("PatientBirthDate"), study)
+
+
+# ----------------------------------------------------------------------------- folder names as labels
+
+# Words of class names (findings, grades, splits, views, body parts, connectives).  A folder name of
+# two to four words made only of letters is shaped like a person's name ("DOE JOHN", "Anna Smith",
+# "DOE_J") unless one of its words is one of these ("NO FINDING", "Viral Pneumonia", "no_fracture").
+CLASS_WORDS = frozenset("""
+normal abnormal abnormality healthy disease diseased pathology pathological finding no not non none yes
+positive negative pos neg present absent other unknown control
+pneumonia viral bacterial covid sars influenza tb tuberculosis opacity lung effusion pleural
+fracture fractured nonfracture broken healed healing dislocation luxation subluxation
+benign malignant malignancy tumor tumour lesion nodule mass cancer carcinoma metastasis sarcoma cyst
+grade class stage type level category group score kl oa
+mild moderate severe doubtful minimal slight marked early late advanced acute chronic old new
+osteoarthritis arthritis arthrosis osteoporosis osteopenia scoliosis
+cardiomegaly edema oedema consolidation atelectasis pneumothorax emphysema fibrosis hernia infiltration
+infiltrate thickening enlarged cardiomediastinum support device implant hardware prosthesis
+left right bilateral unilateral both ap pa lat lateral oblique frontal view
+train training val valid validation test testing holdout dev
+good bad poor quality low high with without and or of in on the
+chest knee hip hand wrist elbow shoulder ankle foot spine skull pelvis abdomen femur leg humerus forearm xr
+""".split())
+MAX_CLASS_NAME = 32
+_CLASS_CHARS = re.compile(r"[A-Za-z0-9 _+.\-]{1,%d}" % MAX_CLASS_NAME)  # no ^ = , ' / or letters beyond ASCII
+_DIGIT_RUN = re.compile(r"\d{4,}")  # a year, a date, an id, an accession number
+_DIGITS = re.compile(r"\d+")
+_ID_WORD = re.compile(r"(?:sub|subj|subject|pat|patient|pt|case|id|mrn|acc|accession|study|series|exam|scan|p)"
+                      r"[ _.\-]?\d+", re.I)
+_MONTH = re.compile(r"(?<![a-z])(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*(?![a-z])", re.I)
+_WORD_SPLIT = re.compile(r"[ _.\-+]+")
+_NAME_TOKEN = re.compile(r"[A-Za-z]+|\d+")
+
+
+def folder_name_looks_identifying(name: str) -> bool:
+    """True when a folder name may be a person's name, a date or an identifier, so it must not become a label.
+
+    Refused: characters class names do not use (DICOM person-name ``^``/``=``, the comma of "Surname,
+    Forename", apostrophes, letters beyond ASCII) or more than 32 characters; 4+ digits in a row (years,
+    dates, ids, accession numbers); several digit groups with 3+ digits (``12.03.21``); 3+ digits
+    outnumbering the letters (``P001``, ``0042``); an id word with a number (``sub-01``, ``patient7``,
+    ``case_12``); a month with a number; two to four words of letters none of which is a class word
+    (:data:`CLASS_WORDS`), the shape of "SURNAME FORENAME".  Accepted: ``0``..``4``, ``KL3``, ``NORMAL``,
+    ``no_fracture``, ``Viral Pneumonia``, ``COVID-19``, ``grade 2``.
+    """
+    name = name.strip()
+    if not _CLASS_CHARS.fullmatch(name):
+        return True
+    groups = _DIGITS.findall(name)
+    n_digits = sum(map(len, groups))
+    n_letters = sum(c.isalpha() for c in name)
+    if _DIGIT_RUN.search(name) or (len(groups) >= 2 and n_digits >= 3) or (n_digits >= 3 and n_digits > n_letters):
+        return True
+    if _ID_WORD.fullmatch(name) or (groups and _MONTH.search(name)):
+        return True
+    words = [w for w in _WORD_SPLIT.split(name) if w]
+    if 2 <= len(words) <= 4 and all(w.isalpha() for w in words):
+        return not any(_is_class_word(w) for w in words)
+    return False
+
+
+def _is_class_word(word: str) -> bool:
+    w = word.lower()  # plurals too: "devices", "lesions", "masses"
+    return any(stem in CLASS_WORDS for stem in (w, w[:-1] if w.endswith("s") else w, w[:-2] if w.endswith("es") else w))
+
+
+# header values whose words must never become a label: names, ids, dates, institution, physicians
+IDENTITY_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "IssuerOfPatientID", "AccessionNumber", "StudyID", "PatientBirthDate",
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstitutionName", "ReferringPhysicianName",
+    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician",
+)
+
+
+def header_identity_tokens(ds) -> set[str]:
+    """Upper-case words (2+ letters) and numbers (3+ digits) of a DICOM header's identifying values, and each
+    whole value (in memory only): a folder name made of any of them would carry them into the labels."""
+    out: set[str] = set()
+    for kw in IDENTITY_KEYWORDS:
+        try:
+            value = ds.get(kw)
+        except Exception:  # a malformed value: nothing to compare
+            continue
+        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        for v in values:
+            text = str(v or "").strip()
+            if not text:
+                continue
+            out.add(" ".join(_NAME_TOKEN.findall(text)).upper())
+            out.update(_identity_words(text))
+    out.discard("")
+    return out
+
+
+def _identity_words(text: str) -> set[str]:
+    return {t.upper() for t in _NAME_TOKEN.findall(text) if (t.isalpha() and len(t) >= 2) or len(t) >= 3}
+
+
+def folder_name_in_header(name: str, identities: set[str]) -> bool:
+    """True when a folder name is, or holds a word of, one of :func:`header_identity_tokens`' values."""
+    whole = " ".join(_NAME_TOKEN.findall(name)).upper()
+    return bool(whole and whole in identities) or not _identity_words(name).isdisjoint(identities)

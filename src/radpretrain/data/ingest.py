@@ -8,12 +8,15 @@ written to its own shard plus a chunk manifest (atomically, the manifest last)
 ``qc_summary.json`` and ``store.json`` written.
 
 Resuming: ``DATASET/.ingest/plan.json`` holds a keyed fingerprint of the file
-list and options (no paths).  A chunk whose manifest exists is done; anything
+list and options (no paths).  A chunk whose manifest exists and whose shard is
+intact (its size; on a finished store also its pixels' hashes) is done; anything
 else is redone, so a run killed at any moment and started again ends with the
-same manifest as an uninterrupted run.  ``--partition i/N`` processes only
-chunks ``k`` with ``k % N == i - 1``; ``--merge PART... --out DATASET`` joins
-partition stores made from the same archive and options, and finished stores made
-from different file lists with the same key and pixel options (:mod:`.merge`).
+same manifest as an uninterrupted run, and a rerun repairs a damaged store.
+A full disk is a one-line error (:func:`disk_full_error`); the rerun resumes.
+``--partition i/N`` processes only chunks ``k`` with ``k % N == i - 1``;
+``--merge PART... --out DATASET`` joins partition stores made from the same archive
+and options, and finished stores made from different file lists with the same key
+and pixel options (:mod:`.merge`).
 
 Nothing identifying is written or logged: ids are keyed pseudonyms, paths are
 shown as their token unless ``--keep-paths``, and read errors are reason codes.
@@ -22,10 +25,11 @@ shown as their token unless ``--keep-paths``, and read errors are reason codes.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import hashlib
 import io
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 import json
 import math
@@ -33,19 +37,24 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import stat
 import sys
 from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
-from radpretrain.data.deid import Pseudonymizer, key_path
-from radpretrain.data.store import (
-    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
+from radpretrain.data.deid import (
+    Pseudonymizer, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens, key_path,
 )
+from radpretrain.data.store import (
+    CONTENT_HASH, MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
+)
+from radpretrain.data.verify import check_shard
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
 
@@ -56,10 +65,10 @@ CHUNK_DIR = "chunks"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 NIFTI_EXTS = (".nii", ".nii.gz")
 _INTERNAL = ["_file", "_item", "_pid_source"]
-MAX_AUTO_CLASSES = 50
-_CLASS_NAME = re.compile(r"[A-Za-z0-9 _+.\-]{1,32}")
-_ID_LIKE = re.compile(r"\d{5,}|\^")  # ids, dates, DICOM person names: not class names
-CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # inputs are opened without waiting (a FIFO would block)
+MAX_AUTO_CLASSES = 50  # --label-from-folder auto: at most this many class names,
+SMALL_VOCABULARY = 10  # and beyond this many,
+MIN_IMAGES_PER_CLASS = 10  # at least this many images per class name on average
 _PHI_COLUMN = re.compile(r"name|birth|\bdob\b|accession|\bmrn\b|address|phone|email|patient|physician", re.I)
 
 
@@ -72,7 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patient-id", metavar="REGEX", help="patient id of non-DICOM files from their relative path (first group)")
     p.add_argument("--label-from-folder", choices=("auto", "yes", "no"), default="auto",
                    help="parent folder name -> 'label' column (ImageFolder). auto: on when no --labels, every "
-                        "input is a PNG/JPEG/TIFF inside a sub-folder and there are >= 2 folder names")
+                        "input is a PNG/JPEG/TIFF inside a sub-folder and the folder names are a small class "
+                        "vocabulary, none of which looks like a person's name, a date or an id (else a warning); "
+                        "yes: your decision that they are not identifying (recorded in the store)")
     p.add_argument("--max-size", type=int, default=512, help="longest stored side in pixels (default 512)")
     p.add_argument("--min-size", type=int, default=32, help="images with a side shorter than this are quarantined (too_small)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
@@ -97,7 +108,13 @@ def run(args) -> int:
     if args.merge:
         if args.sources:
             raise UserError("--merge takes stores, not SRC folders")
-        summary = merge_partitions([Path(p) for p in args.merge], out)
+        try:
+            summary = merge_partitions([Path(p) for p in args.merge], out)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise UserError(f"{e.filename or out}: no space left on device ({_free(out)} free); free some space "
+                            "and run the same command again: it resumes") from None
     else:
         if not args.sources:
             raise UserError("nothing to ingest: give at least one SRC folder or file")
@@ -114,10 +131,13 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------- scanning
 
-def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
+def scan_sources(sources, counts: dict | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Sorted (absolute path, relative path) of every non-hidden file, and each file's source-root-relative path.
 
     Linked folders are followed (each target once), so an archive assembled from links is scanned whole.
+    Only regular files (and links to them) are inputs: FIFOs, sockets and devices are never opened (a
+    FIFO would block the read forever); they are counted in a warning, without their paths, and in
+    ``counts["not_regular"]``.  A dangling link stays an input (quarantined ``unreadable``).
 
     With several sources the relative path is prefixed by the source's name.
     """
@@ -128,28 +148,88 @@ def scan_sources(sources) -> tuple[list[tuple[str, str]], list[str]]:
     names = [r.name for r in roots]
     if len(roots) > 1 and len(set(names)) != len(names):
         raise UserError("two sources share a folder name; give them distinct names or ingest them separately")
-    files, repeated = [], 0
+    files, repeated, special = [], 0, 0
     for r in roots:
         prefix = f"{r.name}/" if len(roots) > 1 else ""
         if r.is_file():
             files.append((os.path.abspath(r), prefix + r.name, r.name))
             continue
+        if not r.is_dir():
+            special += 1
+            continue
         top = os.path.abspath(r)
         seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: links are followed once
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        for dirpath, dirnames, filenames, n_special in _walk(top):
             seen.add(_dir_key(dirpath))
             dirnames[:], n = _walk_into(dirpath, dirnames, seen)
             repeated += n
+            special += n_special
             reldir = os.path.relpath(dirpath, top)
             reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
             joined = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join(dirpath, fn)
             rel_prefix = prefix + reldir
-            files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames if not fn.startswith("."))
+            files.extend((joined + fn, rel_prefix + fn, reldir + fn) for fn in filenames)
     if repeated:  # no paths: they may carry PHI
         log.warning("%d linked folder(s) not scanned: each links to a folder scanned already (a loop, or a "
                     "second link to one folder)", repeated)
+    if special:
+        log.warning(NOT_REGULAR_WARNING, special)
+    if counts is not None:
+        counts["not_regular"] = special
     files.sort(key=itemgetter(1))
     return [(a, b) for a, b, _ in files], [c for _, _, c in files]
+
+
+NOT_REGULAR_WARNING = "%d file(s) skipped: not regular files (FIFOs, sockets or devices are never read)"
+
+
+def _walk(top: str):
+    """``os.walk(top, followlinks=True)`` (top-down; the caller may prune ``dirnames``; folders that cannot be
+    listed are skipped) that also tells regular files from other entries: yields (dirpath, dirnames,
+    non-hidden regular files and dangling links, number of other non-hidden entries).
+
+    Entry types come from the folder listing (no system call per file), except for links, which are followed.
+    """
+    stack = [top]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirnames, filenames, special = [], [], 0
+        for e in entries:
+            if _entry_is(e.is_dir):
+                dirnames.append(e.name)
+            elif e.name.startswith("."):
+                continue
+            elif _entry_is(e.is_file) or _dangling(e):
+                filenames.append(e.name)
+            else:
+                special += 1
+        yield dirpath, dirnames, filenames, special
+        stack.extend(os.path.join(dirpath, d) for d in reversed(dirnames))
+
+
+def _entry_is(test) -> bool:
+    try:
+        return test()
+    except OSError:
+        return False
+
+
+def _dangling(entry) -> bool:
+    """A link whose target does not exist (kept as an input: it is quarantined as unreadable)."""
+    if not _entry_is(entry.is_symlink):
+        return False
+    try:
+        os.stat(entry.path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _dir_key(path: str) -> tuple[int, int]:
@@ -191,28 +271,129 @@ def _ext(rel: str) -> str:
 
 
 def decide_label_from_folder(mode: str, rels: list[str], has_labels_csv: bool, exts=None) -> bool:
-    """``exts``: ``_ext`` of each of ``rels`` when the caller has them."""
+    """``exts``: ``_ext`` of each of ``rels`` when the caller has them.  The rule is
+    :func:`folder_label_decision`'s, without reading the files' headers."""
+    return folder_label_decision(mode, rels, has_labels_csv, exts)[0]
+
+
+def folder_label_decision(mode: str, rels: list[str], has_labels_csv: bool, exts=None,
+                          files=None) -> tuple[bool, str | None]:
+    """(parent folder names become the ``label`` column?, why ``auto`` refused them: a warning, or None).
+
+    ``yes``/``no`` are the user's decision.  ``auto`` accepts an ImageFolder layout (no labels CSV, every
+    input a PNG/JPEG/TIFF by its name inside a sub-folder) whose parent folder names form a small class
+    vocabulary shared by many images (:func:`_vocabulary_problem`) and none of which may be a person's name,
+    a date or an identifier (:func:`deid.folder_name_looks_identifying`), nor, with ``files`` (the
+    (path, relative path) pairs of ``rels``' files, as :func:`scan_sources` gives them), a name or id in
+    the DICOM header of a file inside it (a DICOM file named as an image).  The warning gives counts,
+    never a name.
+    """
     if mode != "auto":
-        return mode == "yes"
+        return mode == "yes", None
     if has_labels_csv:
-        return False
-    classes, folder, n_inputs = set(), None, 0
+        return False, None
+    classes = _folder_classes(rels, exts)
+    if classes is None:  # not an ImageFolder layout: nothing to warn about
+        return False, None
+    why = _vocabulary_problem(classes)
+    if why is None:
+        n_bad = sum(folder_name_looks_identifying(c) for c in classes)
+        if n_bad:
+            why = (f"{n_bad} of {len(classes)} parent folder names look like a person's name, a date or an "
+                   "identifier (exports are often organised by patient)")
+    if why is None and files is not None:
+        n_bad = _folders_named_in_headers(files, rels)
+        if n_bad:
+            why = f"{n_bad} of {len(classes)} parent folder names match a name or id in their files' DICOM headers"
+    if why is None:
+        return True, None
+    return False, (f"parent folder names not used as labels: {why}; if they are class names, not identities, "
+                   "pass --label-from-folder yes")
+
+
+def _folder_classes(rels, exts) -> dict[str, int] | None:
+    """Parent folder name -> number of inputs in such folders, when every input (non-sidecar) is a
+    PNG/JPEG/TIFF by its name inside a sub-folder; else None."""
+    classes: dict[str, int] = {}
+    folder, name = None, ""
     for r, ext in zip(rels, exts if exts is not None else map(_ext, rels)):
-        # one pass: every input (non-sidecar) a PNG/JPEG/TIFF in a sub-folder; their folder names
         if ext in R.SIDECAR_EXTS:
             continue
         cut = r.rfind("/")
         if ext not in IMAGE_EXTS or cut < 0:
-            return False
-        n_inputs += 1
+            return None
         if r[:cut] != folder:
             folder = r[:cut]
-            classes.add(folder[folder.rfind("/") + 1:])  # == r.rsplit("/", 2)[-2]
-    if not n_inputs:
+            name = folder[folder.rfind("/") + 1:]  # == r.rsplit("/", 2)[-2]
+        classes[name] = classes.get(name, 0) + 1
+    return classes or None
+
+
+def _vocabulary_problem(classes: dict[str, int]) -> str | None:
+    """Why the folder names are not a small vocabulary shared by many images (None when they are):
+    2 to :data:`MAX_AUTO_CLASSES` names, and beyond :data:`SMALL_VOCABULARY` names at least
+    :data:`MIN_IMAGES_PER_CLASS` images per name on average (per-patient folders are many, with few images)."""
+    n, n_images = len(classes), sum(classes.values())
+    if n < 2:
+        return "only one parent folder name" if n else None
+    if n > MAX_AUTO_CLASSES or (n > SMALL_VOCABULARY and n_images < MIN_IMAGES_PER_CLASS * n):
+        return (f"{n} distinct parent folder names for {n_images} images are not a small class vocabulary "
+                f"(at most {SMALL_VOCABULARY}, or at most {MAX_AUTO_CLASSES} with {MIN_IMAGES_PER_CLASS} "
+                "images each on average)")
+    return None
+
+
+def _folders_named_in_headers(files, rels) -> int:
+    """How many parent folder names name a file inside them that is DICOM by content and whose header's
+    names or ids the folder's name carries (only the header is read; nothing is kept).
+
+    Every file's first bytes are read (threads hide the latency of network storage): about 10 µs a
+    file from the page cache, paid only when the names alone would have been accepted.
+    """
+    paths = [full for full, _ in files]
+    batches = [range(i, min(i + HEAD_BATCH, len(paths))) for i in range(0, len(paths), HEAD_BATCH)]
+    with ThreadPoolExecutor(min(HEAD_THREADS, max(1, len(batches)))) as pool:
+        dicom = [i for found in pool.map(lambda b: [i for i in b if _is_dicom_file(paths[i])], batches)
+                 for i in found]
+    bad: set[str] = set()
+    for i in dicom:
+        rel = rels[i]
+        folder = rel[:rel.rfind("/")]
+        name = folder[folder.rfind("/") + 1:]
+        if name in bad:
+            continue
+        try:
+            ds = R.read_dicom(paths[i], stop_before_pixels=True)
+        except R.ReadError:
+            continue
+        with R.quiet_pydicom():
+            identities = header_identity_tokens(ds)
+        if folder_name_in_header(name, identities):
+            bad.add(name)
+    return len(bad)
+
+
+HEAD_BATCH = 4096  # files per task of the header check
+HEAD_THREADS = 8
+
+
+def _is_dicom_file(full: str) -> bool:
+    """Whether a (regular) file is DICOM by content: its first bytes, read without waiting (no FIFO blocks)."""
+    try:
+        fd = os.open(full, _OPEN_FLAGS)
+    except OSError:
         return False
-    # folder names become label values: only names that look like class names, never per-patient folders
-    return 2 <= len(classes) <= MAX_AUTO_CLASSES and all(_CLASS_NAME.fullmatch(c) and not _ID_LIKE.search(c)
-                                                          for c in classes)
+    try:
+        head = os.read(fd, R.SNIFF_BYTES)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if head[128:132] == b"DICM":
+        return True
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")):
+        return False
+    return R.sniff(full, head=head) == "dicom"
 
 
 def load_labels(path) -> dict[str, dict]:
@@ -230,11 +411,44 @@ def load_labels(path) -> dict[str, dict]:
     if phi:
         raise UserError(f"{p}: columns {', '.join(phi)} look identifying and would be copied into the dataset; "
                         "remove them from the labels CSV")
+    df["path"] = df["path"].map(_norm_rel)
+    df = df.drop_duplicates()  # the same row twice: harmless
+    repeated = df["path"].duplicated(keep=False)
+    if repeated.any():  # a path left with several rows has rows that differ
+        n = int(df.loc[repeated, "path"].nunique())
+        raise UserError(f"{p}: {n} path(s) have several rows with different labels; keep one row per path")
     out = {}
     for rec in df.to_dict("records"):
-        key = _norm_rel(rec.pop("path"))
-        out[key] = rec
+        out[rec.pop("path")] = rec
     return out
+
+
+def labels_match_warning(label_map: dict, root_rels: list[str], rels) -> str | None:
+    """A warning when the labels CSV's paths match no file, or far fewer files than it has rows (None
+    otherwise), with the counts and a hint at the likely cause (never a path)."""
+    n_rows = len(label_map)
+    if not n_rows:
+        return None
+    names = set(root_rels)
+    names.update(rels)
+    matched = sum(k in names for k in label_map)
+    if matched >= LABELS_MATCH_FRACTION * n_rows:
+        return None
+    n_abs = sum(k.startswith("/") or bool(_DRIVE.match(k)) for k in label_map)
+    tails = {k.partition("/")[2] for k in label_map if "/" in k}
+    if n_abs:
+        hint = (f"{n_abs} of its paths are absolute; give each file's path relative to the source folder "
+                "(e.g. 'sub/x.png' for SRC/sub/x.png)")
+    elif tails and not tails.isdisjoint(names):
+        hint = "its paths seem to start with the source folder's own name; give them relative to that folder"
+    else:
+        hint = ("its paths must be relative to the source folder given to ingest, with '/' separators "
+                "(e.g. 'sub/x.png' for SRC/sub/x.png), and spelled as the file names are (case included)")
+    return f"labels CSV: {matched} of its {n_rows} paths match a file; {hint}"
+
+
+LABELS_MATCH_FRACTION = 0.5  # a labels CSV matching fewer of its rows than this is warned about
+_DRIVE = re.compile(r"[A-Za-z]:/")
 
 
 def _norm_rel(p: str) -> str:
@@ -440,11 +654,13 @@ def _write_rows(rows: list[dict], path: Path):
     Reading the file back gives the same table (schema and values: strings, int64, float64, all-null
     columns as null), so the caller can keep the table instead of reading the file.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    pq.write_table(table, path)
+    try:
+        pq.write_table(table, path)
+    except OSError as e:  # Arrow's errors name no file (e.g. disk full)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     return table
 
 
@@ -464,7 +680,7 @@ def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
         "study_id": token("study", file_rel), "series_id": token("series", file_rel),
         "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": _NAN, "sex": "unknown",
         "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
-        "source": rel if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
+        "source": storable_text(rel) if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
         "content_hash": "", "status": "quarantined", "reason": "", "shard": "", "offset": -1,
         "_file": int(order[0]), "_item": int(order[1]), "_pid_source": pid_source,
     }
@@ -474,8 +690,20 @@ def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
         for col in cfg["label_columns"]:
             row[col] = rec.get(col) if rec else None
     if cfg.get("label_from_folder"):
-        row["label"] = root_rel.rsplit("/", 2)[-2] if "/" in root_rel else ""
+        row["label"] = storable_text(root_rel.rsplit("/", 2)[-2]) if "/" in root_rel else ""
     return row
+
+
+def storable_text(text: str) -> str:
+    """``text`` as the manifest (UTF-8) can hold it: the bytes of a file name that are not UTF-8 (which
+    Python keeps as surrogate escapes) become ``\\xNN``, as ``ls -b`` shows them; other text is unchanged."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
@@ -553,18 +781,23 @@ def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
     """(kind by content, the whole file for PNG/JPEG/TIFF else None): one open for sniffing and decoding.
 
     Plain system calls (no file object): the head, then the whole file from its start up to its end
-    (normally one read, so the bytes are not joined from pieces).
+    (normally one read, so the bytes are not joined from pieces).  Only a regular file is read: the open
+    does not wait (``O_NONBLOCK``: a FIFO that replaced a file since the scan would block it forever), and
+    anything else is ``unreadable``.
     """
     try:
-        fd = os.open(full, os.O_RDONLY)
+        fd = os.open(full, _OPEN_FLAGS)
     except OSError:
         return "unreadable", None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "unreadable", None
         head = os.read(fd, R.SNIFF_BYTES)
         kind = R.sniff(full, head=head)
         if kind not in R.IMAGE_KINDS:
             return kind, None
-        size = os.fstat(fd).st_size
+        size = st.st_size
         parts, off = [], 0
         while more := os.pread(fd, max(size + 1 - off, 1 << 16), off):  # whole file, normally in one read
             parts.append(more)
@@ -757,13 +990,19 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     if chunk_size < 1 or max_size < 8:
         raise UserError("--chunk-size must be >= 1 and --max-size >= 8")
     pseudo = Pseudonymizer(key)
-    files, root_rels = scan_sources(sources)
+    scanned: dict = {}
+    files, root_rels = scan_sources(sources, scanned)
     if not files:
         raise UserError(f"{', '.join(map(str, sources))}: no files found (names starting with '.' are skipped)")
     label_map = load_labels(labels) if labels else None
     label_cols = sorted({c for rec in label_map.values() for c in rec}) if label_map else []
     exts = [_ext(r) for r in root_rels]  # a prefix (several sources) is a folder: same extensions as ``files``
-    lff = decide_label_from_folder(label_from_folder, root_rels, bool(label_map), exts)
+    warnings = [NOT_REGULAR_WARNING % scanned["not_regular"]] if scanned.get("not_regular") else []
+    lff, refused = folder_label_decision(label_from_folder, root_rels, bool(label_map), exts, files)
+    for w in (refused, label_map and labels_match_warning(label_map, root_rels, map(itemgetter(1), files))):
+        if w:
+            log.warning("%s", w)
+            warnings.append(w)
     public = {
         "max_size": max_size, "min_size": min_size, "chunk_size": chunk_size, "keep_paths": bool(keep_paths),
         "patient_regex": patient_id or "", "label_from_folder": lff, "nifti_slices": nifti_slices,
@@ -776,27 +1015,140 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
     n_chunks = max(1, math.ceil(len(files) / chunk_size)) if files else 0
     work = out / WORK_DIR
     plan_path = work / "plan.json"
+    _check_resumable(out, plan_path, fp)
+    mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
+    try:
+        (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
+                               "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public,
+                               "label_from_folder_mode": label_from_folder, "warnings": warnings})
+        _remove_tmp(out)
+        # a finished store (its manifest written) is checked down to its pixels' hashes, a resumed one for sizes
+        intact, damaged = check_chunks(out, mine, deep=(out / "manifest.parquet").is_file())
+        todo = [k for k in mine if k not in intact]
+        cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
+                   label_columns=label_cols, patient_regex=patient_id,
+                   nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
+        log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
+                 f", partition {part[0]}/{part[1]}" if part else "")
+        done = _run_chunks(todo, cfg, workers, files, progress, exts)
+        summary = finalise(out, mine, partition=part, done={**intact, **done})
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        _remove_tmp_quietly(out)  # what the failed writes left: the free space said is then the real one
+        raise disk_full_error(out, e, mine, len(files), max_size) from None
+    if damaged:
+        summary["repaired_chunks"] = len(damaged)
+    return summary
+
+
+def _check_resumable(out: Path, plan_path: Path, fp: str) -> None:
+    """``out`` is new, empty, or an ingest of the same plan (resumed, or repaired when finished)."""
     if plan_path.is_file():
-        old = read_json(plan_path)
-        if old.get("fingerprint") != fp:
+        try:
+            old = read_json(plan_path)
+        except (OSError, ValueError):
+            raise UserError(f"{plan_path}: cannot be read, so this ingest cannot be resumed or repaired; "
+                            "delete the folder and run the command again (or use another --out)") from None
+        if not isinstance(old, dict) or old.get("fingerprint") != fp:
             raise UserError(f"{out}: holds an ingest of other files, options or de-id key; "
                             "use another --out (or delete it to start again)")
+    elif (out / "store.json").is_file() or (out / "manifest.parquet").is_file():
+        raise UserError(f"{out}: holds a store without its {WORK_DIR} folder, so it cannot be resumed or repaired "
+                        "in place; ingest into a new folder (or delete this one and run again)")
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not an ingest in progress; choose an empty or new folder")
-    (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(plan_path, {"fingerprint": fp, "n_files": len(files), "n_chunks": n_chunks,
-                           "chunk_size": chunk_size, "key_fingerprint": pseudo.fingerprint(), "options": public})
-    _remove_tmp(out)
-    mine = [k for k in range(n_chunks) if part is None or k % part[1] == part[0] - 1]
-    todo = [k for k in mine if not _chunk_paths(out, k)[1].is_file()]
-    cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
-               label_columns=label_cols, patient_regex=patient_id,
-               nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
-    log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
-             f", partition {part[0]}/{part[1]}" if part else "")
-    done = _run_chunks(todo, cfg, workers, files, progress, exts)
-    return finalise(out, mine, partition=part, done=done)
+
+
+def check_chunks(out: Path, chunks, deep: bool = False, remove: bool = True) -> tuple[dict, list[int]]:
+    """({chunk: (manifest table, sidecar count)} of the committed chunks that are intact, [damaged chunks]).
+
+    A committed chunk is damaged when its manifest or stats cannot be read, or its shard is missing or not
+    exactly as long as its images (``deep``: or an image's pixels lack their ``content_hash``).  It is
+    warned about, with the count, and (``remove``) its files are removed, so it is redone like a chunk
+    never done.
+    """
+    intact, damaged = {}, []
+    for k in chunks:
+        if not _chunk_paths(out, k)[1].is_file():
+            continue
+        state = chunk_state(out, k, deep)
+        if state is None:
+            damaged.append(k)
+            for p in _chunk_paths(out, k) if remove else ():
+                p.unlink(missing_ok=True)
+        else:
+            intact[k] = state
+    if damaged:
+        log.warning("%d chunk(s) of the store are damaged (shards %s); they are done again", len(damaged),
+                    ", ".join(chunk_name(k) for k in damaged[:10]) + (", ..." if len(damaged) > 10 else ""))
+    return intact, damaged
+
+
+def chunk_state(out: Path, k: int, deep: bool = False) -> tuple | None:
+    """(manifest table, sidecar count) of committed chunk ``k`` when intact (see :func:`check_chunks`), else None."""
+    shard, manifest, stats_path = _chunk_paths(out, k)
+    columns = ["status", "offset", "height", "width", "content_hash"]
+    try:
+        table = _read_chunk_table(manifest)
+        n_sidecars = int(read_json(stats_path)["sidecar_skipped"]) if stats_path.is_file() else 0
+        rows = table.select(columns).to_pandas() if table.num_rows else pd.DataFrame(columns=columns)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
+    rows = rows[rows["status"] == "ingested"]
+    size, needed, bad = check_shard(shard, rows["offset"].to_numpy(), rows["height"].to_numpy(),
+                                    rows["width"].to_numpy(), rows["content_hash"].to_numpy() if deep else None)
+    if len(bad) or (size is not None and size != needed) or (size is None and needed):
+        return None
+    return table, n_sidecars
+
+
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+
+
+def disk_full_error(out: Path, e: OSError, chunks, n_files: int, max_size: int) -> UserError:
+    """The one-line error for a full disk: the file being written, free space, and about how much more is needed."""
+    where = e.filename or out
+    free = _free(out)
+    done, shards, manifests = 0, 0, 0
+    for k in chunks:
+        shard, manifest, _ = _chunk_paths(out, k)
+        if manifest.is_file():
+            done += 1
+            manifests += manifest.stat().st_size
+            shards += shard.stat().st_size if shard.is_file() else 0
+    if done:  # the chunks left like those done, then the manifest (about all chunk manifests together)
+        per_chunk = (shards + manifests) / done
+        need = f"about {_size(per_chunk * (len(chunks) - done) + manifests / done * len(chunks))} more"
+    else:
+        need = f"up to {_size(n_files * max_size * max_size)} (images stored at most {max_size} x {max_size})"
+    return UserError(f"{where}: no space left on device ({free} free; this ingest needs {need}); free some "
+                     "space and run the same command again: it resumes where it stopped")
+
+
+def _remove_tmp_quietly(out: Path) -> None:
+    try:
+        _remove_tmp(out)
+    except OSError:
+        pass
+
+
+def _free(out: Path) -> str:
+    try:
+        return _size(shutil.disk_usage(out if out.exists() else out.parent).free)
+    except OSError:
+        return "unknown"
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def _remove_tmp(out: Path) -> None:
@@ -868,6 +1220,9 @@ def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
                             done[res["chunk"]] = (res["table"], res["sidecar_skipped"])
                             bar.update(res["files"])
                         broken = False
+                    except OSError:  # e.g. the disk is full: stop, do not start the chunks left
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
                     except BrokenProcessPool:
                         broken = True
                         for fut, k in futures.items():  # chunks finished before the break: keep them
@@ -900,8 +1255,6 @@ def _read_chunks(out: Path, chunks, done=None) -> tuple[pd.DataFrame, int]:
     ``done``: {chunk: (manifest table, sidecar count)} of chunks this process has just committed
     (the same as their files hold); the others are read from their files.
     """
-    import pyarrow as pa
-
     done = done or {}
     tables, sidecars = [], 0
     for k in chunks:
@@ -994,7 +1347,10 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
     summary["patient_id_sources"] = {k: int(v) for k, v in pid_sources.items()}
     if opts_label := plan.get("options", {}).get("label_from_folder"):
         summary["label_from_folder"] = bool(opts_label)
+        summary["label_from_folder_decision"] = _label_decision(plan)
         summary["n_folder_labels"] = int(df["label"].nunique()) if "label" in df.columns else 0
+    if plan.get("warnings"):
+        summary["warnings"] = list(plan["warnings"])
     if partition:
         summary["partition"] = f"{partition[0]}/{partition[1]}"
     write_json(out / "qc_summary.json", summary)
@@ -1009,9 +1365,16 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
     if partition:
         meta["partition"] = f"{partition[0]}/{partition[1]}"
     meta["label_from_folder"] = bool(opts.get("label_from_folder", False))
+    if meta["label_from_folder"]:
+        meta["label_from_folder_decision"] = _label_decision(plan)
     meta["patient_regex"] = bool(opts.get("patient_regex"))
     write_store_meta(out, dtype="uint8", max_size=opts.get("max_size", 512), **meta)
     return summary
+
+
+def _label_decision(plan: dict) -> str:
+    """Who decided that folder names are labels: 'explicit' (--label-from-folder yes) or 'auto'."""
+    return "explicit" if plan.get("label_from_folder_mode") == "yes" else "auto"
 
 
 def qc_summary(df: pd.DataFrame, sidecars: int) -> dict:
@@ -1040,7 +1403,13 @@ def print_summary(s: dict, out) -> None:
     print("  modality: " + ", ".join(f"{k} {v}" for k, v in s["by_modality"].items()))
     print("  body part: " + ", ".join(f"{k} {v}" for k, v in s["by_body_part"].items()))
     if s.get("label_from_folder"):
-        print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes)")
+        how = ("--label-from-folder yes: you vouched they are not identifying"
+               if s.get("label_from_folder_decision") == "explicit" else "they look like class names")
+        print(f"  label: parent folder names ({s.get('n_folder_labels', '?')} classes; {how})")
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}")
+    if s.get("repaired_chunks"):
+        print(f"  repaired: {s['repaired_chunks']} damaged chunk(s) replaced by intact ones")
     if s.get("patient_id_source") == "per-file":
         print("  warning: some images have no patient id (each file is its own patient); "
               "use --patient-id REGEX so splits can group a patient's images")
@@ -1082,13 +1451,20 @@ def merge_partitions(parts: list[Path], out: Path) -> dict:
     (out / WORK_DIR / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / WORK_DIR / "plan.json", plans[0])
+    # a finished merge is checked down to its pixels' hashes; a damaged chunk is linked again (over its
+    # files) from a partition that holds it intact; the partitions' chunks are checked for sizes
+    intact, damaged = check_chunks(out, range(n_chunks), deep=(out / "manifest.parquet").is_file(), remove=False)
     for k in range(n_chunks):
-        dst = _chunk_paths(out, k)
-        if dst[1].is_file():
+        if k in intact:
             continue
-        src = next((tuple(_chunk_paths(p, k)) for p in parts if _chunk_paths(p, k)[1].is_file()), None)
-        if src is None:
+        dst = _chunk_paths(out, k)
+        held = [p for p in parts if _chunk_paths(p, k)[1].is_file()]
+        if not held:
             raise UserError(f"chunk {k} of {n_chunks} is in none of the partitions; finish the missing partition first")
+        src = next((tuple(_chunk_paths(p, k)) for p in held if chunk_state(p, k) is not None), None)
+        if src is None:
+            raise UserError(f"{held[0]}: chunk {k} ({chunk_name(k)}) is damaged in every partition that holds it; "
+                            "run that partition's ingest command again to repair it, then merge again")
         for s, d in ((src[0], dst[0]), (src[2], dst[2]), (src[1], dst[1])):  # manifest last
             if s.is_file():
                 tmp = d.with_name(f"{d.name}.{os.getpid()}.tmp")
@@ -1097,4 +1473,7 @@ def merge_partitions(parts: list[Path], out: Path) -> dict:
                 except OSError:
                     shutil.copyfile(s, tmp)
                 os.replace(tmp, d)
-    return finalise(out, range(n_chunks))
+    summary = finalise(out, range(n_chunks), done=intact)
+    if damaged:
+        summary["repaired_chunks"] = len(damaged)
+    return summary

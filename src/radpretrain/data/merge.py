@@ -32,6 +32,7 @@ is refused.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from radpretrain.data.store import (
@@ -260,7 +262,7 @@ def _link(src: Path, dst: Path) -> None:
     """``dst`` becomes a hard link to (or, across file systems, a copy of) ``src``, through a temporary name."""
     if dst.is_file():
         try:
-            if os.path.samefile(src, dst) or dst.stat().st_size == src.stat().st_size:
+            if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
                 return  # linked (or copied and committed) by an earlier run of this merge
         except OSError:
             pass
@@ -272,6 +274,17 @@ def _link(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     commit_file(tmp, dst)
+
+
+def _bytes_needed(rows: pd.DataFrame, itemsize: int) -> dict[tuple[int, str], int]:
+    """(store index, merged shard name) -> the bytes its ingested images need in that shard."""
+    sizes = rows["height"].to_numpy(np.int64) * rows["width"].to_numpy(np.int64) * itemsize
+    ends = rows["offset"].to_numpy(np.int64) + sizes
+    keys = zip(rows[_STORE_COL].tolist(), rows["shard"].astype(str).tolist())
+    out: dict[tuple[int, str], int] = {}
+    for key, end in zip(keys, ends.tolist()):
+        out[key] = max(out.get(key, 0), end)
+    return out
 
 
 def _remove_tmp(out: Path) -> None:
@@ -315,21 +328,29 @@ def merge_stores(stores, out) -> dict:
     label_from_folder = any(bool(i.plan.get("options", {}).get("label_from_folder", i.meta.get("label_from_folder")))
                             for i in inputs)
     patient_regex = any(bool(i.meta.get("patient_regex")) for i in inputs)
+    # folder labels: explicit when any store's were (--label-from-folder yes), else decided by 'auto'
+    decision = "explicit" if any(i.plan.get("label_from_folder_mode") == "yes" for i in inputs) else "auto"
     (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / WORK_DIR / "plan.json", {
         "kind": PLAN_KIND, "fingerprint": fingerprint, "key_fingerprint": first.options["key_fingerprint"],
-        "options": {**common, "label_from_folder": label_from_folder}, "inputs": [i.ident for i in inputs]})
+        "options": {**common, "label_from_folder": label_from_folder}, "inputs": [i.ident for i in inputs],
+        "label_from_folder_mode": "yes" if decision == "explicit" else "auto"})
     _remove_tmp(out)
 
     # shards: only those that hold an image still ingested after the merge
     ing = df["status"] == "ingested"
     wanted = set(zip(df.loc[ing, _STORE_COL].tolist(), df.loc[ing, "shard"].astype(str).tolist()))
+    needed = _bytes_needed(df[ing], np.dtype(first.options["dtype"] or "uint8").itemsize)
     reverse = [{new: old for old, new in mapping.items()} for mapping in names]
     for k, new in sorted(wanted):
         src = inputs[k].root / SHARD_DIR / reverse[k][new]
         if not src.is_file():
             raise UserError(f"{inputs[k].root}: shard {reverse[k][new]} is missing from the store; cannot merge")
+        if src.stat().st_size < needed[(k, new)]:
+            raise UserError(f"{src}: shard truncated ({src.stat().st_size} bytes, its images need "
+                            f"{needed[(k, new)]}); repair {inputs[k].root} first (run its ingest command again), "
+                            "then merge again")
         _link(src, out / SHARD_DIR / new)
     df = df.drop(columns=[_STORE_COL])
 
@@ -350,6 +371,7 @@ def merge_stores(stores, out) -> dict:
     labels = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     if label_from_folder:
         summary["label_from_folder"] = True
+        summary["label_from_folder_decision"] = decision
         summary["n_folder_labels"] = int(df["label"].nunique()) if "label" in df.columns else 0
     summary["merged_stores"] = len(inputs)
     write_json(out / "qc_summary.json", summary)
@@ -361,6 +383,8 @@ def merge_stores(stores, out) -> dict:
         "n_shards": len(wanted), "label_columns": labels, "keep_paths": bool(common["keep_paths"]),
         "label_from_folder": label_from_folder, "patient_regex": patient_regex, "merged_stores": len(inputs),
     }
+    if label_from_folder:
+        meta["label_from_folder_decision"] = decision
     write_store_meta(out, dtype=first.options["dtype"] or "uint8", max_size=common["max_size"], **meta)
     write_manifest(out, df)  # last: a manifest means the merge finished
     return {**summary, "splits_not_carried": sum(i.has_splits for i in inputs)}

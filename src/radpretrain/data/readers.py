@@ -32,7 +32,7 @@ SIDECAR_EXTS = {".csv", ".json", ".txt", ".md", ".xml", ".html", ".htm", ".tsv",
 IMAGE_KINDS = ("png", "jpeg", "tiff")
 REASONS = (
     "unreadable", "not_dicom_or_image", "no_pixel_data", "unsupported_transfer_syntax",
-    "decode_error", "blank", "too_small", "empty_file",
+    "decode_error", "blank", "too_small", "empty_file", "pixel_length",
 )
 MODALITIES = ("CR", "DX", "CT", "MR", "XR", "OT")
 BODY_PARTS = (
@@ -304,6 +304,7 @@ def _decode_frame(ds, frame: int, stats: dict | None = None, max_size: int | Non
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ReadError("no_pixel_data")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_pixel_length(ds, tsyntax)
     try:
         with quiet_pydicom():
             if _native_grey(ds, tsyntax):
@@ -320,6 +321,54 @@ def _decode_frame(ds, frame: int, stats: dict | None = None, max_size: int | Non
         if tsyntax is None:
             raise ReadError("unreadable") from None
         raise ReadError("decode_error") from None
+
+
+def _check_pixel_length(ds, tsyntax) -> None:
+    """Uncompressed pixel data must be as long as its header says (Rows x Columns x samples x bits x frames,
+    plus DICOM's even-length padding byte): else ``ReadError('pixel_length')``.
+
+    A wrong Rows, Columns, bit depth or frame count would otherwise give a cut or scrambled image (pydicom
+    reads the first part of longer data).  Extra bytes that are all zero are padding and are accepted.
+    Compressed data is left to its decoder (a mismatch there is a ``decode_error``); a file cut short
+    inside its pixel data is left to the reader too (``decode_error``).
+    """
+    from pydicom.pixels.utils import get_expected_length
+
+    if tsyntax is None or tsyntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        expected = int(get_expected_length(ds, "bytes"))
+        el = ds.get_item(0x7FE00010, keep_deferred=True)
+        declared = getattr(el, "length", None)  # a raw element's declared length (the file's, even if cut short)
+        if declared is None:  # an element made in memory: its value
+            declared = len(ds.PixelData)
+    except Exception:  # a header too broken to say: the decoder reports it
+        return
+    if declared == 0xFFFFFFFF or declared in (expected, expected + expected % 2):
+        return
+    if declared < expected or not _zero_tail(ds, el, expected, declared):
+        raise ReadError("pixel_length")
+
+
+def _zero_tail(ds, el, start: int, stop: int) -> bool:
+    """Whether bytes ``start:stop`` of the pixel data element ``el`` are all zero (read from the file when the
+    value was left there); a file too short for them counts as not zero."""
+    value = getattr(el, "value", None)
+    if value is not None:
+        tail = bytes(value[start:stop])
+        return len(tail) == stop - start and not any(tail)
+    try:
+        with open(ds.filename, "rb") as f:
+            f.seek(int(el.value_tell) + start)
+            left = stop - start
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block or any(block):
+                    return False
+                left -= len(block)
+        return True
+    except (AttributeError, OSError, TypeError, ValueError):
+        return False
 
 
 def _native_grey(ds, tsyntax) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json, write_json
@@ -42,6 +43,9 @@ MANIFEST_COLUMNS = [
     "source_format", "content_hash", "status", "reason", "shard", "offset",
 ]
 STATUSES = ("ingested", "duplicate", "quarantined")
+CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
+REPAIR_HINT = ("the store is damaged: 'radpretrain verify {root}' lists what is, and running the same "
+               "'radpretrain ingest' command again repairs it")
 
 
 def to_stored(img01: np.ndarray, dtype=np.uint8) -> np.ndarray:
@@ -102,7 +106,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._parts:
-            _write_all(self._f.fileno(), [p.data for p in self._parts])
+            try:
+                _write_all(self._f.fileno(), [p.data for p in self._parts])
+            except OSError as e:  # a write to a descriptor names no file: name the shard (e.g. disk full)
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
             self._parts.clear()
             self._pending = 0
 
@@ -175,7 +182,11 @@ def write_manifest(root: str | Path, df: pd.DataFrame) -> Path:
     """Write ``manifest.parquet`` atomically."""
     path = Path(root) / MANIFEST
     tmp = path.with_name(".manifest.parquet.tmp")
-    df.reset_index(drop=True).to_parquet(tmp, index=False)
+    try:
+        df.reset_index(drop=True).to_parquet(tmp, index=False)
+    except OSError as e:  # Arrow's errors name no file (e.g. disk full); no partial file is left
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     os.replace(tmp, path)
     return path
 
@@ -185,29 +196,72 @@ class Store:
 
     ``store.manifest`` has every input; ``store.images`` only the ingested rows
     (index 0..N-1, the order that :meth:`read` and the Dataset use).
+
+    Opening checks that ``store.json`` and ``manifest.parquet`` can be read and (``check``) that every
+    shard an ingested image lives in exists and is long enough for it (one ``stat`` per shard); a
+    damaged store gives a one-line :class:`UserError` naming the file.  ``radpretrain verify`` also
+    checks the pixels' hashes.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, check: bool = True):
         self.root = Path(root)
         meta_path = self.root / "store.json"
         if not meta_path.is_file():
             raise UserError(f"{self.root}: not a radpretrain dataset store (no store.json); create one with 'radpretrain ingest'")
-        self.meta = read_json(meta_path)
-        if self.meta.get("format") != STORE_FORMAT:
-            raise UserError(f"{meta_path}: unknown store format {self.meta.get('format')!r}")
+        try:
+            self.meta = read_json(meta_path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{meta_path}: cannot be read ({type(e).__name__}); "
+                            + REPAIR_HINT.format(root=self.root)) from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != STORE_FORMAT:
+            raise UserError(f"{meta_path}: unknown store format "
+                            f"{self.meta.get('format') if isinstance(self.meta, dict) else None!r}")
         if not (self.root / MANIFEST).is_file():
             raise UserError(f"{self.root}: no {MANIFEST}; the ingest did not finish (run it again to resume)")
         self.dtype = np.dtype(self.meta.get("dtype", "uint8"))
         self._maps: dict[str, np.memmap] = {}
+        if check:
+            self.check_shards()
 
     @cached_property
     def manifest(self) -> pd.DataFrame:
-        return pd.read_parquet(self.root / MANIFEST)
+        path = self.root / MANIFEST
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable manifest ({type(e).__name__}); "
+                            + REPAIR_HINT.format(root=self.root)) from None
+        missing = [c for c in ("image_id", "status", "height", "width", "shard", "offset") if c not in df.columns]
+        if missing:
+            raise UserError(f"{path}: the manifest lacks the columns {', '.join(missing)}; "
+                            + REPAIR_HINT.format(root=self.root))
+        return df
 
     @cached_property
     def images(self) -> pd.DataFrame:
         df = self.manifest
         return df[df["status"] == "ingested"].reset_index(drop=True)
+
+    def shard_sizes_needed(self) -> dict[str, int]:
+        """Shard name -> the bytes its ingested images need (offset + height x width x itemsize, at most)."""
+        img = self.images
+        if not len(img):
+            return {}
+        ends = img["offset"].to_numpy(np.int64) + (img["height"].to_numpy(np.int64) * img["width"].to_numpy(np.int64)
+                                                   * self.dtype.itemsize)
+        return {str(k): int(v) for k, v in pd.Series(ends).groupby(img["shard"].astype(str).to_numpy()).max().items()}
+
+    def check_shards(self) -> None:
+        """Every shard holding an ingested image exists and is long enough for it; else a one-line UserError."""
+        for shard, needed in self.shard_sizes_needed().items():
+            path = self.root / SHARD_DIR / shard
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise UserError(f"{path}: shard missing; " + REPAIR_HINT.format(root=self.root)) from None
+            if size < needed:
+                raise UserError(f"{path}: shard truncated ({size} bytes, its images need {needed}); "
+                                + REPAIR_HINT.format(root=self.root))
 
     @property
     def label_columns(self) -> list[str]:
@@ -235,7 +289,11 @@ class Store:
         h, w = int(row["height"]), int(row["width"])
         start = int(row["offset"]) // self.dtype.itemsize
         m = self._map(str(row["shard"]))
-        return np.asarray(m[start : start + h * w]).reshape(h, w)
+        flat = np.asarray(m[start : start + h * w])
+        if flat.size != h * w:  # the shard was cut short after the store was opened
+            raise UserError(f"{self.root / SHARD_DIR / str(row['shard'])}: shard truncated (image at byte "
+                            f"{int(row['offset'])} missing); " + REPAIR_HINT.format(root=self.root))
+        return flat.reshape(h, w)
 
     def read_float(self, i: int) -> np.ndarray:
         """Image ``i`` as float32 in [0, 1]."""
