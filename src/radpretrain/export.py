@@ -664,8 +664,7 @@ class Preprocess:
         Files and DICOM datasets: exactly what ``radpretrain ingest --max-size
         store_max_size`` stores (:func:`radpretrain.data.readers.load_stored`).
         """
-        from radpretrain.data.intensity import resize_max
-        from radpretrain.data.store import to_stored
+        from radpretrain.data.intensity import resize_max, to_stored
 
         if isinstance(x, (str, os.PathLike)):
             return _read_file(Path(x), stored_max_size=self.store_max_size)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from radpretrain.data import deid
+from radpretrain.data import deid, vocab
 from radpretrain.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("deid_key")
@@ -88,4 +88,4 @@ def test_age_years(age, birth, study, expected):
 def test_age_unknown_and_sex():
     assert math.isnan(deid.age_years("", "", "20200101"))
     assert math.isnan(deid.age_years("garbage", "1980", None))
-    assert [deid.normalise_sex(s) for s in ("M", "f", "O", "", None, "X")] == ["M", "F", "O", "unknown", "unknown", "unknown"]
+    assert [vocab.normalise_sex(s) for s in ("M", "f", "O", "", None, "X")] == ["M", "F", "O", "unknown", "unknown", "unknown"]

@@ -446,15 +446,15 @@ def test_shard_writer_gathers_images_and_copies_what_the_caller_may_change(tmp_p
 
 def test_path_helpers_match_their_definitions():
     from radpretrain.data import ingest as G
-    from radpretrain.data import readers as R
+    from radpretrain.data import vocab as V
 
     rng = np.random.default_rng(0)
     parts = ["a", "b", ".", "/", "..", "png", "KNEE", "lat", "x.nii", "AP", "9", ".gz"]
     for _ in range(2000):
         rel = "".join(rng.choice(parts, size=rng.integers(0, 7)))
         assert G._ext(rel) == os.path.splitext(rel)[1].lower()
-        view = R.normalise_view(None, rel)
-        assert G._path_facts(rel) == (R.body_part_from_text(rel), None if view == "unknown" else view)
+        view = V.normalise_view(None, rel)
+        assert G._path_facts(rel) == (V.body_part_from_text(rel), None if view == "unknown" else view)
 
 
 def test_a_pending_chunk_is_done_only_once_committed(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from radpretrain.data import readers as R
+from radpretrain.data import vocab as V
 
 
 def make_dicom(arr, path=None, *, modality="DX", photometric="MONOCHROME2", bits=12, slope=None, intercept=None,
@@ -182,17 +183,17 @@ def test_nifti_and_npz(tmp_path):
     ("LOWER LIMB", ("AX femur",), "femur"), ("MANO", (), "hand"),
 ])
 def test_body_part_vocabulary(bpe, descs, expected):
-    assert R.normalise_body_part(bpe, *descs) == expected
-    assert expected in R.BODY_PARTS
+    assert V.normalise_body_part(bpe, *descs) == expected
+    assert expected in V.BODY_PARTS
 
 
 def test_view_vocabulary():
-    assert R.normalise_view("AP") == "AP"
-    assert R.normalise_view("LL") == "LAT"
-    assert R.normalise_view("RAO") == "OBL"
-    assert R.normalise_view("XYZ") == "other"
-    assert R.normalise_view("", "knee lateral") == "LAT"
-    assert R.normalise_view(None) == "unknown"
+    assert V.normalise_view("AP") == "AP"
+    assert V.normalise_view("LL") == "LAT"
+    assert V.normalise_view("RAO") == "OBL"
+    assert V.normalise_view("XYZ") == "other"
+    assert V.normalise_view("", "knee lateral") == "LAT"
+    assert V.normalise_view(None) == "unknown"
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(photometric="MONOCHROME1", window=(2000.0, 3000.0)),
@@ -219,7 +220,7 @@ def test_lookup_table_path_signed_pixels():
 def _direct_stored(img01, max_size):
     """The store's image by one BOX resize of the full-size [0, 1] image (the reference for quality)."""
     from radpretrain.data import intensity as I
-    from radpretrain.data.store import to_stored
+    from radpretrain.data.intensity import to_stored
 
     nh, nw = I.target_size(*img01.shape, max_size)
     return to_stored(I._pil_resize(img01, nh, nw, Image.Resampling.BOX))
@@ -252,7 +253,7 @@ def test_decoded_equals_load_image_and_stores_load_stored(tmp_path, max_size):
     """What ingest uses (Decoded): load_image's image, meta and blank test; its stored pixels are load_stored's,
     to_stored(img01) without resizing, and close to one BOX resize of img01 with it."""
     from radpretrain.data import intensity as I
-    from radpretrain.data.store import to_stored
+    from radpretrain.data.intensity import to_stored
 
     for case in _decoded_cases(tmp_path):
         try:
@@ -285,7 +286,7 @@ def test_store_path_of_a_large_radiograph_is_close_to_the_full_size_pipeline():
     """A 12-bit radiograph 5x the stored size: block means of the raw pixels, then the window (no full-size
     float image). Where the window cuts into noise the window now acts on the averaged pixels."""
     from radpretrain.data import intensity as I
-    from radpretrain.data.store import to_stored
+    from radpretrain.data.intensity import to_stored
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:1280, 0:1024]
@@ -412,8 +413,8 @@ def test_text_facts_is_body_part_and_view_in_one_scan():
     words = ["knee", "AP", "lat", "x", "12345", "/", "_", ".", "hand", "PA", "oblique", "chest", "L", "png"]
     for _ in range(500):
         text = "".join(rng.choice(words, size=rng.integers(0, 8)))
-        view = R.normalise_view(None, text)
-        assert R.text_facts(text) == (R.body_part_from_text(text), None if view == "unknown" else view)
+        view = V.normalise_view(None, text)
+        assert V.text_facts(text) == (V.body_part_from_text(text), None if view == "unknown" else view)
 
 
 @pytest.mark.parametrize("case", ["noisy", "constant", "two_levels", "one_level_in_middle_row", "thin", "large"])

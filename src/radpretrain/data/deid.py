@@ -7,7 +7,7 @@ What ingest keeps from a patient's record is *only*:
   image (path + frame/slice index);
 * age in whole years (from PatientAge, else birth date and study date; ages of
   90 and over are reported as 90, as in the HIPAA Safe Harbor rule);
-* sex (M/F/O/unknown), normalised body part, view and modality.
+* sex (M/F/O/unknown), normalised body part, view and modality (:mod:`.vocab`).
 
 Everything else (names, birth dates, accession numbers, institution,
 physicians, exact dates, free text, paths) stays in memory only.
@@ -29,6 +29,7 @@ import re
 import secrets
 from pathlib import Path
 
+from radpretrain.data.vocab import BODY_PARTS
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger
 
@@ -173,11 +174,6 @@ def age_years(patient_age=None, birth_date=None, study_date=None) -> float:
     return float("nan")
 
 
-def normalise_sex(value) -> str:
-    s = str(value or "").strip().upper()[:1]
-    return s if s in ("M", "F", "O") else "unknown"
-
-
 def dicom_age(ds) -> float:
     study = next((ds.get(k) for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate") if ds.get(k)), None)
     return age_years(ds.get("PatientAge"), ds.get("PatientBirthDate"), study)
@@ -185,7 +181,7 @@ def dicom_age(ds) -> float:
 
 # ----------------------------------------------------------------------------- folder names as labels
 
-# Words of class names (findings, grades, splits, views, body parts, connectives).  A folder name of
+# Words of class names (findings, grades, splits, views, connectives, and the body parts of the manifest).  A folder name of
 # two to four words made only of letters is shaped like a person's name ("DOE JOHN", "Anna Smith",
 # "DOE_J") unless one of its words is one of these ("NO FINDING", "Viral Pneumonia", "no_fracture").
 CLASS_WORDS = frozenset("""
@@ -201,9 +197,8 @@ cardiomegaly edema oedema consolidation atelectasis pneumothorax emphysema fibro
 infiltrate thickening enlarged cardiomediastinum support device implant hardware prosthesis
 left right bilateral unilateral both ap pa lat lateral oblique frontal view
 train training val valid validation test testing holdout dev
-good bad poor quality low high with without and or of in on the
-chest knee hip hand wrist elbow shoulder ankle foot spine skull pelvis abdomen femur leg humerus forearm xr
-""".split())
+good bad poor quality low high with without and or of in on the xr
+""".split()) | frozenset(BODY_PARTS)
 MAX_CLASS_NAME = 32
 _CLASS_CHARS = re.compile(r"[A-Za-z0-9 _+.\-]{1,%d}" % MAX_CLASS_NAME)  # no ^ = , ' / or letters beyond ASCII
 _DIGIT_RUN = re.compile(r"\d{4,}")  # a year, a date, an id, an accession number

@@ -48,6 +48,7 @@ import pyarrow as pa
 
 from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
+from radpretrain.data import vocab as V
 from radpretrain.data.deid import (
     Pseudonymizer, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens, key_path,
 )
@@ -99,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nifti-max-per-patient", type=int, default=50, help="cap on NIfTI slices per patient (default 50)")
     p.add_argument("--ct-window", type=float, nargs=2, default=list(I.CT_WINDOW), metavar=("LO", "HI"), help="CT HU window")
     p.add_argument("--mr-percentile", type=float, default=I.MR_PERCENTILE, help="MR: divide by this percentile")
-    p.add_argument("--modality", default="XR", choices=R.MODALITIES, help="modality recorded for non-DICOM 2-D images")
-    p.add_argument("--body-part", default=None, choices=R.BODY_PARTS, help="body part of non-DICOM inputs without a keyword in their path")
+    p.add_argument("--modality", default="XR", choices=V.MODALITIES, help="modality recorded for non-DICOM 2-D images")
+    p.add_argument("--body-part", default=None, choices=V.BODY_PARTS, help="body part of non-DICOM inputs without a keyword in their path")
 
 
 def run(args) -> int:
@@ -722,15 +723,15 @@ def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
         row["modality"] = meta["modality"] if fmt == "nifti" else cfg["modality"]
         body, view = _path_facts(root_rel)
         row["body_part"] = body or cfg.get("body_part") or "unknown"
-        row["view"] = view or "unknown"  # == R.normalise_view(None, root_rel)
+        row["view"] = view or "unknown"  # == V.normalise_view(None, root_rel)
 
 
-_FOLDER_FACTS: dict[str, tuple] = {}  # folder -> readers.text_facts(folder), per process
+_FOLDER_FACTS: dict[str, tuple] = {}  # folder -> vocab.text_facts(folder), per process
 _FOLDER_FACTS_MAX = 1 << 14
 
 
 def _path_facts(root_rel: str) -> tuple[str | None, str | None]:
-    """``readers.text_facts(root_rel)`` (body part keyword, view word), the folder's part looked up once per folder.
+    """``vocab.text_facts(root_rel)`` (body part keyword, view word), the folder's part looked up once per folder.
 
     Words never span a '/', so the path's words are its folder's followed by its name's.
     """
@@ -739,10 +740,10 @@ def _path_facts(root_rel: str) -> tuple[str | None, str | None]:
     if facts is None:
         if len(_FOLDER_FACTS) >= _FOLDER_FACTS_MAX:
             _FOLDER_FACTS.clear()
-        facts = _FOLDER_FACTS[folder] = R.text_facts(folder)
+        facts = _FOLDER_FACTS[folder] = V.text_facts(folder)
     if facts[0] is not None and facts[1] is not None:
         return facts
-    body, view = R.text_facts(name)
+    body, view = V.text_facts(name)
     return (facts[0] if facts[0] is not None else body), (facts[1] if facts[1] is not None else view)
 
 

@@ -24,6 +24,10 @@ are taken on the raw pixel values and the window applied to the small image
 (:func:`resize_max_window`): the full-resolution float image is never made.
 Statistics of large images (percentiles, blank test) are measured on a regular
 subsample (:func:`_sample`).
+
+The store holds the [0, 1] image quantised to its integer dtype (:func:`to_stored`; back with
+:func:`from_stored`): ingest, ``radpretrain patches`` and the exported encoders' preprocessing
+all quantise with it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ MR_PERCENTILE = 99.5
 INTENSITY_VERSION = "radpretrain-ingest-v1"
 RESIZE_VERSION = "block-means-then-resize-v1"  # how stored images are shrunk (resize_max, resize_max_window)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_stored(img01: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """Scale a float image in [0, 1] to the store's integer dtype (rounded, clipped)."""
+    info = np.iinfo(dtype)
+    x = np.clip(np.asarray(img01, dtype=np.float32), 0.0, 1.0)  # a new array: safe to work in place
+    x *= np.float32(info.max)
+    np.rint(x, out=x)
+    return x.astype(dtype)
+
+
+def from_stored(arr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_stored`: float32 in [0, 1]."""
+    return arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
 
 
 def window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from radpretrain.data import intensity as I
+from radpretrain.data.vocab import BODY_PARTS
 from radpretrain.errors import InputFileError, UserError
 from radpretrain.utils import get_logger, write_json
 
@@ -500,8 +501,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the negative subsample and the random planes")
     p.add_argument("--ct-window", type=float, nargs=2, default=list(I.CT_WINDOW), metavar=("LO", "HI"),
                    help="HU window, as ingest's (default -1000 1400)")
-    from radpretrain.data.readers import BODY_PARTS
-
     p.add_argument("--body-part", choices=BODY_PARTS, default=None, metavar="PART",
                    help="body part recorded for volumes without a DICOM header, e.g. chest (default unknown)")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import os
-import re
 import struct
 import sys
 import warnings
@@ -27,6 +27,9 @@ import numpy as np
 import xxhash
 
 from radpretrain.data import intensity as I
+from radpretrain.data.deid import dicom_age
+from radpretrain.data.intensity import to_stored
+from radpretrain.data.vocab import normalise_body_part, normalise_modality, normalise_sex, normalise_view
 
 SIDECAR_EXTS = {".csv", ".json", ".txt", ".md", ".xml", ".html", ".htm", ".tsv", ".yaml", ".yml"}
 IMAGE_KINDS = ("png", "jpeg", "tiff")
@@ -34,12 +37,6 @@ REASONS = (
     "unreadable", "not_dicom_or_image", "no_pixel_data", "unsupported_transfer_syntax",
     "decode_error", "blank", "too_small", "empty_file", "pixel_length",
 )
-MODALITIES = ("CR", "DX", "CT", "MR", "XR", "OT")
-BODY_PARTS = (
-    "hand", "wrist", "forearm", "elbow", "humerus", "shoulder", "chest", "abdomen", "pelvis", "hip",
-    "femur", "knee", "leg", "ankle", "foot", "spine", "skull", "other", "unknown",
-)
-VIEWS = ("AP", "PA", "LAT", "OBL", "other", "unknown")
 
 
 class ReadError(Exception):
@@ -49,94 +46,6 @@ class ReadError(Exception):
         assert reason in REASONS, reason
         self.reason = reason
         super().__init__(reason)
-
-
-# ----------------------------------------------------------------------------- vocabularies
-
-_BODY_WORDS = {
-    "hand": "HAND HANDS MANO FINGER FINGERS THUMB METACARPAL METACARPALS PHALANX PHALANGES FINGERS",
-    "wrist": "WRIST WRISTS CARPUS CARPAL SCAPHOID HANDGELENK",
-    "forearm": "FOREARM FOREARMS RADIUS ULNA UNTERARM",
-    "elbow": "ELBOW ELBOWS ELLBOGEN ELLENBOGEN OLECRANON",
-    "humerus": "HUMERUS ARM UPPERARM OBERARM",
-    "shoulder": "SHOULDER SHOULDERS CLAVICLE SCAPULA SCHULTER ACJ",
-    "chest": "CHEST THORAX LUNG LUNGS CXR RIB RIBS STERNUM HEART THORAX TORAX",
-    "abdomen": "ABDOMEN ABD KUB BAUCH ABDOMINAL LIVER KIDNEY KIDNEYS",
-    "pelvis": "PELVIS BECKEN PELVIC ISCHIUM ILIUM",
-    "hip": "HIP HIPS HUEFTE HUFTE",
-    "femur": "FEMUR THIGH OBERSCHENKEL FEMORAL",
-    "knee": "KNEE KNEES PATELLA KNIE",
-    "leg": "LEG LEGS LOWERLEG TIBIA FIBULA UNTERSCHENKEL TIBFIB",
-    "ankle": "ANKLE ANKLES OSG SPRUNGGELENK MALLEOLUS",
-    "foot": "FOOT FEET TOE TOES CALCANEUS HEEL FUSS FOREFOOT",
-    "spine": "SPINE CSPINE TSPINE LSPINE SSPINE CERVICAL LUMBAR SACRUM COCCYX VERTEBRA VERTEBRAE "
-             "LWS HWS BWS WIRBELSAEULE SCOLIOSIS",
-    "skull": "SKULL HEAD BRAIN SINUS SINUSES FACE MANDIBLE ORBIT ORBITS SCHAEDEL CRANIUM SELLA",
-}
-BODY_KEYWORDS = {w: part for part, words in _BODY_WORDS.items() for w in words.split()}
-_VIEW_WORDS = {
-    "AP": "AP", "PA": "PA", "LAT": "LAT", "LATERAL": "LAT", "LL": "LAT", "RL": "LAT", "SEITLICH": "LAT",
-    "OBL": "OBL", "OBLIQUE": "OBL", "LAO": "OBL", "RAO": "OBL", "LPO": "OBL", "RPO": "OBL", "SCHRAEG": "OBL",
-}
-_WEAK_WORDS = {"LEG", "LEGS", "ARM", "LOWER", "UPPER", "LIMB", "LIMBS", "EXTREMITY", "L", "R", "LT", "RT",
-               "LEFT", "RIGHT", "BOTH"}
-_TOKEN_RE = re.compile(r"[A-Za-z]+")
-
-
-def _tokens(text) -> list[str]:
-    return [t.upper() for t in _TOKEN_RE.findall(str(text or ""))]
-
-
-def body_part_from_text(*texts) -> str | None:
-    """First vocabulary keyword found in the texts (in order), or None."""
-    for text in texts:
-        for tok in _tokens(text):
-            if tok in BODY_KEYWORDS:
-                return BODY_KEYWORDS[tok]
-    return None
-
-
-def normalise_body_part(body_part_examined=None, *descriptions) -> str:
-    """BodyPartExamined, else description keywords; 'other' if only unknown words, 'unknown' if nothing."""
-    hit = body_part_from_text(body_part_examined)
-    weak = not hit or set(_tokens(body_part_examined)) <= _WEAK_WORDS
-    if weak:  # generic header term (LEG, ARM, LOWER LIMB): a specific description keyword wins
-        hit = body_part_from_text(*descriptions) or hit
-    if hit:
-        return hit
-    return "other" if str(body_part_examined or "").strip() else "unknown"
-
-
-def text_facts(text) -> tuple[str | None, str | None]:
-    """(:func:`body_part_from_text` of ``text``, the view word :func:`normalise_view` finds in it or None), one scan."""
-    body = view = None
-    for tok in _tokens(text):
-        if body is None:
-            body = BODY_KEYWORDS.get(tok)
-        if view is None:
-            view = _VIEW_WORDS.get(tok)
-        if body is not None and view is not None:
-            break
-    return body, view
-
-
-def normalise_view(view_position=None, *descriptions) -> str:
-    vp = str(view_position or "").strip().upper()
-    if vp:
-        for tok in _tokens(vp):
-            if tok in _VIEW_WORDS:
-                return _VIEW_WORDS[tok]
-        return "other"
-    for text in descriptions:
-        for tok in _tokens(text):
-            if tok in _VIEW_WORDS:
-                return _VIEW_WORDS[tok]
-    return "unknown"
-
-
-def normalise_modality(value) -> str:
-    m = str(value or "").strip().upper()
-    return m if m in MODALITIES else ("OT" if m else "OT")
 
 
 # ----------------------------------------------------------------------------- sniffing
@@ -205,7 +114,7 @@ def quiet_pydicom():
 
 
 def _parses_as_dicom(path: Path) -> bool:
-    import pydicom
+    import pydicom  # heavy (pydicom): only when DICOM is read
 
     try:
         with quiet_pydicom():
@@ -235,7 +144,7 @@ DEFER_BYTES = 1 << 20  # DICOM values larger than this stay in the file until us
 
 def read_dicom(path_or_ds, stop_before_pixels: bool = False):
     """A pydicom Dataset read from a path (values over :data:`DEFER_BYTES` read only when used)."""
-    import pydicom
+    import pydicom  # heavy (pydicom): only when DICOM is read
     from pydicom.errors import InvalidDicomError
 
     if isinstance(path_or_ds, pydicom.Dataset):
@@ -254,7 +163,7 @@ def read_dicom(path_or_ds, stop_before_pixels: bool = False):
 
 def _ensure_transfer_syntax(ds) -> None:
     """Files written without file meta (no preamble): record the encoding they were read with."""
-    from pydicom.dataset import FileMetaDataset
+    from pydicom.dataset import FileMetaDataset  # heavy (pydicom): only when DICOM is read
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     meta = getattr(ds, "file_meta", None)
@@ -271,8 +180,6 @@ def _ensure_transfer_syntax(ds) -> None:
 
 def dicom_meta(ds) -> dict:
     """Normalised facts plus raw identifiers (in memory only) from a DICOM header."""
-    from radpretrain.data.deid import dicom_age, normalise_sex
-
     desc = [ds.get(k) for k in ("StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription")]
     return {
         "source_format": "dicom",
@@ -299,7 +206,7 @@ def _decode_frame(ds, frame: int, stats: dict | None = None, max_size: int | Non
     ``stats``: receives ``raw_min``/``raw_max`` when they were measured on the way, and
     ``block_means`` when ``max_size`` (the size the image will be stored at) asks for them.
     """
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pixel_array  # heavy (pydicom): only when DICOM is read
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ReadError("no_pixel_data")
@@ -332,7 +239,7 @@ def _check_pixel_length(ds, tsyntax) -> None:
     Compressed data is left to its decoder (a mismatch there is a ``decode_error``); a file cut short
     inside its pixel data is left to the reader too (``decode_error``).
     """
-    from pydicom.pixels.utils import get_expected_length
+    from pydicom.pixels.utils import get_expected_length  # heavy (pydicom): only when DICOM is read
 
     if tsyntax is None or tsyntax.is_encapsulated or "PixelData" not in ds:
         return
@@ -392,7 +299,7 @@ def _native_grey_view(ds, frame: int, stats: dict | None, max_size: int | None =
     sums the blocks of the first resize step (``stats["block_means"] = (f, means)``,
     :func:`intensity.block_mean_checked`), so the pixels are read from memory once.
     """
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pixel_array  # heavy (pydicom): only when DICOM is read
 
     arr = _mapped_frame(ds, frame)
     if arr is None:
@@ -429,9 +336,7 @@ def _mapped_frame(ds, frame: int) -> np.ndarray | None:
     copying them into memory.  A file too short for its frames gives None
     (pydicom then reports the problem).
     """
-    import mmap
-
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # heavy (pydicom): only when DICOM is read
 
     try:
         el = ds.get_item(0x7FE00010, keep_deferred=True)
@@ -469,7 +374,7 @@ def _dicom_unit(arr: np.ndarray, ds, *, ct_window, mr_percentile, frame: int, st
     measured here if missing; with ``(a, b)``, ``value_range`` (bounds of ``arr``) and either
     ``range01`` (the float32 min and max of ``img01``) or ``blank = False``.
     """
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut  # heavy (pydicom): only when DICOM is read
 
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
     if photometric == "PALETTE COLOR":
@@ -538,7 +443,7 @@ def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I
 
     ``sample``: ``intensity._sample(arr)`` when the caller has it already.
     """
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut  # heavy (pydicom): only when DICOM is read
 
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
     modality = str(ds.get("Modality") or "").upper()
@@ -576,7 +481,7 @@ def grey_transfer(arr: np.ndarray, ds, *, ct_window=I.CT_WINDOW, mr_percentile=I
 
 def _header_voi(ds, frame: int):
     """The header's VOI LUT / window as a function to [0, 1] (pydicom's apply_voi_lut), or None."""
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_voi_lut  # heavy (pydicom): only when DICOM is read
 
     try:
         if "VOILUTSequence" in ds:
@@ -651,7 +556,7 @@ def read_pil(path, kind: str | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------- NIfTI / NPZ
 
 def nifti_shape(path) -> tuple[int, ...]:
-    import nibabel as nib
+    import nibabel as nib  # heavy, optional (nibabel): only when NIfTI is read
 
     try:
         return tuple(int(s) for s in nib.load(str(path)).shape)
@@ -675,7 +580,7 @@ def _canonical_nifti(path: str):
 
 @functools.lru_cache(maxsize=1)
 def _canonical_nifti_cached(path: str, mtime_ns: int, size: int):
-    import nibabel as nib
+    import nibabel as nib  # heavy, optional (nibabel): only when NIfTI is read
 
     return nib.as_closest_canonical(nib.load(path))
 
@@ -788,8 +693,6 @@ _U8_SCALE = 1.0 / 255  # the 8-bit rule as a window: clip(x / 255), the same flo
 @functools.lru_cache(maxsize=None)
 def _u8_tables():
     """[0, 1] value and stored value of every uint8 pixel under the 8-bit rule (same functions, elementwise)."""
-    from radpretrain.data.store import to_stored
-
     unit = I.scale_by_depth(_U8)
     stored = to_stored(unit)
     return unit, stored, bool(np.array_equal(stored, _U8))
@@ -844,8 +747,6 @@ class Decoded:
         if full_size and self._u8 is not None:
             _, table, identity = _u8_tables()
             return self._u8 if identity else np.take(table, self._u8)
-        from radpretrain.data.store import to_stored
-
         if full_size:
             return to_stored(self.img01())
         if self._u8 is not None:

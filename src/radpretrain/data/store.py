@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from radpretrain.data.intensity import from_stored, to_stored  # noqa: F401  (to_stored: its old home here still works)
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json, write_json
 
@@ -46,20 +47,6 @@ STATUSES = ("ingested", "duplicate", "quarantined")
 CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
 REPAIR_HINT = ("the store is damaged: 'radpretrain verify {root}' lists what is, and running the same "
                "'radpretrain ingest' command again repairs it")
-
-
-def to_stored(img01: np.ndarray, dtype=np.uint8) -> np.ndarray:
-    """Scale a float image in [0, 1] to the store's integer dtype (rounded, clipped)."""
-    info = np.iinfo(dtype)
-    x = np.clip(np.asarray(img01, dtype=np.float32), 0.0, 1.0)  # a new array: safe to work in place
-    x *= np.float32(info.max)
-    np.rint(x, out=x)
-    return x.astype(dtype)
-
-
-def from_stored(arr: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_stored`: float32 in [0, 1]."""
-    return arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
 
 
 class ShardWriter:

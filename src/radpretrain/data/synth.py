@@ -44,6 +44,7 @@ from pydicom.uid import (
 )
 
 from radpretrain.data import synth_anatomy as anat
+from radpretrain.data.vocab import KNOWN_SEXES
 from radpretrain.errors import UserError
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -198,7 +199,7 @@ class _Planner:
                 if last not in used and first not in used:
                     used.update((last, first))
                     break
-            p = Patient(i, f"PHI{ids[i]:06d}", last, first, str(rng.choice(["M", "F", "O"], p=[.49, .49, .02])),
+            p = Patient(i, f"PHI{ids[i]:06d}", last, first, str(rng.choice(KNOWN_SEXES, p=[.49, .49, .02])),
                         _date(rng, 1935, 2012), int(lesion[i]), lesion_pos[i])
             self.patients.append(p)
             self.phi["patient_names"].add(p.dicom_name)
