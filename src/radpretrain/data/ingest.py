@@ -52,16 +52,17 @@ from radpretrain.data import vocab as V
 from radpretrain.data.deid import (
     Pseudonymizer, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens, key_path,
 )
-from radpretrain.data.store import (
-    CONTENT_HASH, MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, commit_file, write_manifest, write_store_meta,
+from radpretrain.data.manifest import (
+    CONTENT_HASH, MANIFEST_COLUMNS, label_columns, mark_duplicates, qc_summary, typed, weakest_patient_id_source,
 )
+from radpretrain.data.merge import merge_stores
+from radpretrain.data.store import SHARD_DIR, WORK_DIR, ShardWriter, commit_file, write_manifest, write_store_meta
 from radpretrain.data.verify import check_shard
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
 
 log = get_logger("radpretrain.data.ingest")
 
-WORK_DIR = ".ingest"
 CHUNK_DIR = "chunks"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -1276,40 +1277,6 @@ def _read_chunks(out: Path, chunks, done=None) -> tuple[pd.DataFrame, int]:
     return pa.concat_tables(tables, promote_options="default").to_pandas(), sidecars
 
 
-def _type_labels(df: pd.DataFrame) -> pd.DataFrame:
-    for col in [c for c in df.columns if c not in MANIFEST_COLUMNS]:
-        s = df[col]
-        if s.dtype == object or pd.api.types.is_string_dtype(s):
-            vals = s.dropna().astype(str)
-            vals = vals[vals != ""]
-            num = pd.to_numeric(vals, errors="coerce")
-            if len(vals) and num.notna().all():
-                full = pd.to_numeric(s.replace("", None), errors="coerce")
-                if (num == num.round()).all():
-                    df[col] = full.round().astype("Int64")
-                else:
-                    df[col] = full.astype(float)
-            else:
-                df[col] = s.where(s.notna() & (s.astype(str) != ""), None)
-    return df
-
-
-def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
-    """Later copies (by sorted path) of the same decoded pixels become ``duplicate``; the first is kept."""
-    ok = (df["status"] == "ingested").to_numpy(dtype=bool)
-    dup = np.zeros(len(df), dtype=bool)
-    dup[ok] = df["content_hash"][ok].duplicated(keep="first").to_numpy(dtype=bool)
-    if not dup.any():
-        return df
-    first = df[ok & ~dup]
-    keep_id = dict(zip(first["content_hash"].tolist(), first["image_id"].tolist()))
-    df.loc[dup, "status"] = "duplicate"
-    df.loc[dup, "reason"] = "duplicate_of:" + df.loc[dup, "content_hash"].map(keep_id)
-    df.loc[dup, "shard"] = ""
-    df.loc[dup, "offset"] = -1
-    return df
-
-
 def finalise(out: Path, chunks, partition=None, done=None) -> dict:
     """Concatenate chunk manifests (in order), mark duplicates, write manifest, QC summary and store.json.
 
@@ -1331,18 +1298,10 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
         if c not in df.columns:
             df[c] = pd.Series(dtype=object)
     df = mark_duplicates(df)
-    labels = sorted(c for c in df.columns if c not in MANIFEST_COLUMNS)
-    df = _type_labels(df[MANIFEST_COLUMNS + labels].copy())
-    for c in ("height", "width", "orig_height", "orig_width", "offset"):
-        df[c] = df[c].astype("int64")
-    df["age_years"] = df["age_years"].astype(float)
+    labels = label_columns(df)
+    df = typed(df, labels)
     write_manifest(out, df)
-    if "per-file" in pid_sources:
-        pid_source = "per-file"
-    elif "regex" in pid_sources:
-        pid_source = "regex"
-    else:
-        pid_source = "dicom"
+    pid_source = weakest_patient_id_source(pid_sources)
     summary = qc_summary(df, sidecars)
     summary["patient_id_source"] = pid_source
     summary["patient_id_sources"] = {k: int(v) for k, v in pid_sources.items()}
@@ -1376,22 +1335,6 @@ def finalise(out: Path, chunks, partition=None, done=None) -> dict:
 def _label_decision(plan: dict) -> str:
     """Who decided that folder names are labels: 'explicit' (--label-from-folder yes) or 'auto'."""
     return "explicit" if plan.get("label_from_folder_mode") == "yes" else "auto"
-
-
-def qc_summary(df: pd.DataFrame, sidecars: int) -> dict:
-    ing = df[df["status"] == "ingested"]
-    q = df[df["status"] == "quarantined"]
-    return {
-        "inputs": int(len(df)),
-        "ingested": int(len(ing)),
-        "duplicates": int((df["status"] == "duplicate").sum()),
-        "quarantined": {str(k): int(v) for k, v in sorted(q["reason"].value_counts().items())},
-        "sidecar_skipped": int(sidecars),
-        "patients": int(ing["patient_id"].nunique()),
-        "by_modality": {str(k): int(v) for k, v in sorted(ing["modality"].value_counts().items())},
-        "by_body_part": {str(k): int(v) for k, v in sorted(ing["body_part"].value_counts().items())},
-        "by_format": {str(k): int(v) for k, v in sorted(df["source_format"].value_counts().items())},
-    }
 
 
 def print_summary(s: dict, out) -> None:
@@ -1439,8 +1382,6 @@ def merge_partitions(parts: list[Path], out: Path) -> dict:
         plans.append(read_json(pp))
     fps = {pl["fingerprint"] for pl in plans}
     if len(fps) != 1 or any("n_chunks" not in pl for pl in plans):  # other files (or a merged store)
-        from radpretrain.data.merge import merge_stores
-
         return merge_stores(parts, out)
     n_chunks = plans[0]["n_chunks"]
     out = Path(out)

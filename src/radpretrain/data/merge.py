@@ -13,7 +13,7 @@ are joined here, by :func:`merge_stores`:
 * shards are hard-linked (copied where links are impossible) under ``shards/ingest-<plan
   fingerprint>/``, so two stores' ``chunk-000000.bin`` never collide; the ``shard`` column
   is rewritten to that relative path (a store that is itself a merge keeps its names);
-* duplicates are marked again over all rows with :func:`ingest.mark_duplicates`' rule: the
+* duplicates are marked again over all rows with :func:`manifest.mark_duplicates`' rule: the
   first store's copy stays ``ingested``, a later one with the same ``content_hash`` becomes
   ``duplicate`` (``reason = duplicate_of:<image_id of the kept copy>``);
 * an ``image_id`` held by two stores (the same relative path) must have the same content
@@ -43,15 +43,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radpretrain.data.store import (
-    MANIFEST, MANIFEST_COLUMNS, SHARD_DIR, SPLITS, commit_file, write_manifest, write_store_meta,
+from radpretrain.data.manifest import (
+    MANIFEST_COLUMNS, label_columns, labels_as_text, mark_duplicates, qc_summary, typed, weakest_patient_id_source,
 )
+from radpretrain.data.store import MANIFEST, SHARD_DIR, SPLITS, WORK_DIR, commit_file, write_manifest, write_store_meta
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, read_json, write_json
 
 log = get_logger("radpretrain.data.merge")
 
-WORK_DIR = ".ingest"  # == ingest.WORK_DIR (not imported: ingest imports this module lazily)
 PLAN_KIND = "merge-of-stores"
 
 # options that decide the stored pixels or the ids: stores must agree on all of them
@@ -68,7 +68,6 @@ SAME_OPTIONS = {
     "mr_percentile": "--mr-percentile",
 }
 _STORE_COL = "_merge_store_index"  # internal column: which input a row comes from (dropped before writing)
-_PID_RANK = {"dicom": 0, "regex": 1, "per-file": 2}  # weakest patient-id source wins, as in ingest.finalise
 
 
 @dataclass
@@ -151,20 +150,6 @@ def _check_out(out: Path, inputs: list[_Input], fingerprint: str) -> None:
 
 # ----------------------------------------------------------------------------- manifest
 
-def _labels_as_text(df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """Label columns as text (None when missing), so that stores whose columns got different types
-    (Int64 here, strings there) concatenate; :func:`ingest._type_labels` types them again."""
-    for c in labels:
-        s = df[c]
-        if pd.api.types.is_integer_dtype(s) or pd.api.types.is_float_dtype(s) or pd.api.types.is_bool_dtype(s):
-            integral = pd.api.types.is_integer_dtype(s) or pd.api.types.is_bool_dtype(s)
-            vals = [None if pd.isna(v) else (str(int(v)) if integral else repr(float(v))) for v in s.tolist()]
-        else:
-            vals = [None if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else str(v) for v in s.tolist()]
-        df[c] = pd.Series(vals, index=df.index, dtype=object)
-    return df
-
-
 def _shard_names(inputs: list[_Input], frames: list[pd.DataFrame]) -> list[dict[str, str]]:
     """For each store, its shard names -> their names in the merged store (unique across stores).
 
@@ -212,9 +197,7 @@ def _check_image_ids(df: pd.DataFrame, inputs: list[_Input]) -> None:
 
 
 def _remark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
-    """:func:`ingest.mark_duplicates` over all stores, and every duplicate's reason pointing at the kept copy."""
-    from radpretrain.data.ingest import mark_duplicates
-
+    """:func:`manifest.mark_duplicates` over all stores, and every duplicate's reason pointing at the kept copy."""
     df = mark_duplicates(df)
     ing = df["status"] == "ingested"
     keep_id = dict(zip(df.loc[ing, "content_hash"].tolist(), df.loc[ing, "image_id"].tolist()))
@@ -228,15 +211,13 @@ def _remark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _merged_manifest(inputs: list[_Input]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    from radpretrain.data.ingest import _type_labels
-
     frames = []
     for k, inp in enumerate(inputs):
         m = pd.read_parquet(inp.root / MANIFEST)
         missing = [c for c in MANIFEST_COLUMNS if c not in m.columns]
         if missing:
             raise UserError(f"{inp.root}: {MANIFEST} lacks the columns {', '.join(missing)}; cannot merge")
-        m = _labels_as_text(m, [c for c in m.columns if c not in MANIFEST_COLUMNS])
+        m = labels_as_text(m, [c for c in m.columns if c not in MANIFEST_COLUMNS])
         m[_STORE_COL] = k
         frames.append(m)
     names = _shard_names(inputs, frames)
@@ -246,12 +227,8 @@ def _merged_manifest(inputs: list[_Input]) -> tuple[pd.DataFrame, list[dict[str,
     df = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
     _check_image_ids(df, inputs)
     df = _remark_duplicates(df)
-    labels = sorted(c for c in df.columns if c not in MANIFEST_COLUMNS and c != _STORE_COL)
     stores = df[_STORE_COL].to_numpy()
-    df = _type_labels(df[MANIFEST_COLUMNS + labels].copy())
-    for c in ("height", "width", "orig_height", "orig_width", "offset"):
-        df[c] = df[c].astype("int64")
-    df["age_years"] = df["age_years"].astype(float)
+    df = typed(df, [c for c in label_columns(df) if c != _STORE_COL])
     df[_STORE_COL] = stores  # dropped before writing
     return df, names
 
@@ -305,8 +282,6 @@ def merge_stores(stores, out) -> dict:
 
     Returns the QC summary of the merged store (plus ``splits_not_carried``: how many inputs had splits).
     """
-    from radpretrain.data.ingest import qc_summary
-
     roots = [Path(p) for p in stores]
     if len(roots) < 2:
         raise UserError("--merge needs at least two stores")
@@ -359,16 +334,13 @@ def merge_stores(stores, out) -> dict:
     sidecars = sum(int(i.qc.get("sidecar_skipped", 0)) for i in inputs)
     summary = qc_summary(df, sidecars)
     sources: dict[str, int] = {}
-    pid_source = "dicom"
     for i in inputs:
         for k, v in (i.qc.get("patient_id_sources") or {}).items():
             sources[k] = sources.get(k, 0) + int(v)
-        s = i.meta.get("patient_id_source") or "dicom"
-        if _PID_RANK.get(s, 2) > _PID_RANK[pid_source]:
-            pid_source = s if s in _PID_RANK else "per-file"
+    pid_source = weakest_patient_id_source(i.meta.get("patient_id_source") or "dicom" for i in inputs)
     summary["patient_id_source"] = pid_source
     summary["patient_id_sources"] = dict(sorted(sources.items()))
-    labels = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    labels = label_columns(df)
     if label_from_folder:
         summary["label_from_folder"] = True
         summary["label_from_folder_decision"] = decision

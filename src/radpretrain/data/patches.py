@@ -49,9 +49,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from radpretrain.data import intensity as I
+from radpretrain.data.deid import Pseudonymizer, key_path
+from radpretrain.data.manifest import CONTENT_HASH, MANIFEST_COLUMNS, cast_columns, qc_summary
+from radpretrain.data.readers import content_hash
+from radpretrain.data.store import SHARD_DIR, ShardWriter, write_manifest, write_store_meta
 from radpretrain.data.vocab import BODY_PARTS
+from radpretrain.data.volumes import VolumeError, find_volumes
 from radpretrain.errors import InputFileError, UserError
 from radpretrain.utils import get_logger, write_json
 
@@ -70,7 +76,6 @@ PLANE_MODES = ("axial", "three", "random")
 REQUIRED_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
 PATIENT_COLUMN = "patient_id"
 AIR_HU = -1000.0
-CONTENT_HASH = "xxh3-128-of-stored-pixels"
 
 # (column direction, row direction) of each fixed plane, in LPS
 FIXED_PLANES = {
@@ -178,7 +183,7 @@ def sample_plane(volume, center, u, v, size: int, spacing: float, fill: float = 
 
     Only the block of voxels around the patch is read.
     """
-    from scipy import ndimage
+    from scipy import ndimage  # heavy (scipy): only when patches are cut
 
     geom = volume.geometry
     idx = geom.world_to_index(plane_points(center, u, v, size, spacing))
@@ -199,8 +204,6 @@ def sample_plane(volume, center, u, v, size: int, spacing: float, fill: float = 
 # ----------------------------------------------------------------------------- the store
 
 def _check_out(out: Path, sources) -> None:
-    from radpretrain.data.deid import key_path
-
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
     o = out.resolve()
@@ -248,14 +251,6 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
                      ct_window=I.CT_WINDOW, body_part: str | None = None, key: bytes | None = None,
                      progress: bool = True) -> dict:
     """Write the patch store ``out`` (see the module docstring); returns the QC summary."""
-    from tqdm import tqdm
-
-    from radpretrain.data import readers as R
-    from radpretrain.data.deid import Pseudonymizer
-    from radpretrain.data.ingest import qc_summary
-    from radpretrain.data.store import MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, to_stored, write_manifest, write_store_meta
-    from radpretrain.data.volumes import VolumeError, find_volumes
-
     out = Path(out)
     if not 8 <= int(size) <= 1024:
         raise UserError(f"--size {size}: choose 8 to 1024 pixels")
@@ -345,10 +340,10 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
                     for p, (name, u, v) in enumerate(plane_axes(planes, random_planes, rng)):
                         hu, n_out = sample_plane(vol, center, u, v, int(size), sp)
                         n_padded += n_out > 0
-                        small = to_stored(I.ct_window(hu, lo_hu, hi_hu))
+                        small = I.to_stored(I.ct_window(hu, lo_hu, hi_hu))
                         row = _row(ident, pseudo.image(f"candidate:{uid}#{int(cand.row)}", name), cand)
                         row.update({"height": int(size), "width": int(size), "orig_height": int(size),
-                                    "orig_width": int(size), "content_hash": R.content_hash(small),
+                                    "orig_width": int(size), "content_hash": content_hash(small),
                                     "status": "ingested", "shard": shard, "offset": int(writer.append(small))})
                         row[CANDIDATE_COLUMN] = pseudo.token("candidate", f"{uid}#{int(cand.row)}")
                         row[PLANE_COLUMN] = name
@@ -385,10 +380,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
     df = pd.DataFrame([r for _, r in rows])
     pid_sources = df.loc[df["status"] == "ingested", "_pid_source"].value_counts().to_dict() if len(df) else {}
     df = df.drop(columns=["_pid_source"])
-    df = df[MANIFEST_COLUMNS + EXTRA_COLUMNS]
-    for c in ("height", "width", "orig_height", "orig_width", "offset"):
-        df[c] = df[c].astype("int64")
-    df["age_years"] = df["age_years"].astype(float)
+    df = cast_columns(df[MANIFEST_COLUMNS + EXTRA_COLUMNS])
     df[LABEL_COLUMN] = df[LABEL_COLUMN].astype("Int64")
     write_manifest(out, df)
 

@@ -4,10 +4,11 @@ Layout of a store folder::
 
     DATASET/
       store.json          format, pixel dtype, max side, counts
-      manifest.parquet    one row per *input* (ingested, duplicate or quarantined)
+      manifest.parquet    one row per *input* (ingested, duplicate or quarantined; columns: :mod:`.manifest`)
       shards/*.bin        raw C-order pixel arrays, concatenated; no file per image
       splits.parquet      written by ``radpretrain split``
       qc_summary.json     written by ``radpretrain ingest``
+      .ingest/            ingest's plan.json and chunk manifests (resuming, repair, merging)
 
 Pixels are stored after intensity handling, already in display orientation
 (bone bright), scaled from [0, 1] to the full range of the store's dtype
@@ -28,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from radpretrain.data.intensity import from_stored, to_stored  # noqa: F401  (to_stored: its old home here still works)
+from radpretrain.data.manifest import MANIFEST_COLUMNS
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json, write_json
 
@@ -36,15 +38,8 @@ STORE_VERSION = 1
 SHARD_DIR = "shards"
 MANIFEST = "manifest.parquet"
 SPLITS = "splits.parquet"
+WORK_DIR = ".ingest"  # ingest's and merge's bookkeeping: plan.json, chunk manifests (ingest resumes from it)
 
-# Columns every manifest has (label columns come after these).
-MANIFEST_COLUMNS = [
-    "image_id", "patient_id", "study_id", "series_id", "modality", "body_part", "view",
-    "age_years", "sex", "height", "width", "orig_height", "orig_width", "source",
-    "source_format", "content_hash", "status", "reason", "shard", "offset",
-]
-STATUSES = ("ingested", "duplicate", "quarantined")
-CONTENT_HASH = "xxh3-128-of-stored-pixels"  # manifest content_hash: readers.content_hash of the stored uint8 image
 REPAIR_HINT = ("the store is damaged: 'radpretrain verify {root}' lists what is, and running the same "
                "'radpretrain ingest' command again repairs it")
 

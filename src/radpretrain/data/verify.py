@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from radpretrain.data.readers import content_hash
-from radpretrain.data.store import CONTENT_HASH, SHARD_DIR, Store
+from radpretrain.data.manifest import CONTENT_HASH
+from radpretrain.data.store import SHARD_DIR, Store
 
 SHOWN = 10  # damaged shards / image ids listed in the summary (all are in --json)
 
