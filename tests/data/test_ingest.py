@@ -468,10 +468,9 @@ def test_a_pending_chunk_is_done_only_once_committed(tmp_path, monkeypatch):
     ingest([src], ref, workers=1, progress=False, chunk_size=4)
     seen = {}
 
-    def run_pending(todo, cfg, *a, **kw):  # what a pool worker does, without the parent's commit
-        G._init_worker(cfg)
-        for k in todo:
-            seen[k] = G.process_chunk(k, commit=False)
+    def run_pending(jobs, *a, **kw):  # what a pool worker does, without the parent's commit
+        for job in jobs:
+            seen[job.k] = G.process_chunk(job, commit=False)
         return {}
 
     real_run_chunks = G._run_chunks

@@ -18,6 +18,12 @@ A full disk is a one-line error (:func:`disk_full_error`); the rerun resumes.
 and options, and finished stores made from different file lists with the same key
 and pixel options (:mod:`.merge`).
 
+Workers get what they need explicitly: each chunk is a :class:`ChunkJob` carrying its files and an
+:class:`IngestContext` (the options, the pseudonymiser with the de-identification key, the labels
+CSV's rows and the NIfTI slice plan of those files), in this process or a pool worker, forked or
+spawned.  The module holds no state besides constants and a per-process cache of folder keywords.
+Manifest operations (typing, duplicates, QC counts) are :mod:`.manifest`'s.
+
 Nothing identifying is written or logged: ids are keyed pseudonyms, paths are
 shown as their token unless ``--keep-paths``, and read errors are reason codes.
 """
@@ -26,11 +32,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import gc
 import hashlib
 import io
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 import json
 import math
 import multiprocessing as mp
@@ -39,12 +44,19 @@ import re
 import shutil
 import stat
 import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
 from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
@@ -460,9 +472,89 @@ def _norm_rel(p: str) -> str:
     return p
 
 
+# ----------------------------------------------------------------------------- context
+
+class InputFile(NamedTuple):
+    """One input file: its index in the sorted file list, its path, and its relative paths (``rel`` as
+    the manifest and messages see it, ``root_rel`` relative to its source root: labels CSV, regexes)."""
+    i: int
+    full: str
+    rel: str
+    root_rel: str
+
+
+@dataclass(frozen=True)
+class IngestContext:
+    """What decoding a file needs besides the file: the options, the pseudonymiser (it holds the
+    de-identification key), the labels CSV's rows and the NIfTI slice plan.
+
+    Made once by :func:`ingest`; every chunk gets it explicitly (:class:`ChunkJob`), in this process or
+    in a pool worker, whatever the start method (fork or spawn).  The key travels only to the pool's
+    workers; the repr shows neither the key (the pseudonymiser's repr is its fingerprint) nor labels.
+    """
+    out: Path
+    pseudo: Pseudonymizer
+    max_size: int
+    min_size: int
+    keep_paths: bool
+    modality: str  # of non-DICOM 2-D images
+    body_part: str  # of non-DICOM inputs without a keyword in their path ('' when not given)
+    ct_window: tuple[float, float]
+    mr_percentile: float
+    nifti_slices: int
+    nifti_max_per_patient: int
+    patient_pattern: re.Pattern | None  # --patient-id
+    label_from_folder: bool
+    label_columns: tuple[str, ...] = ()
+    labels: Mapping[str, dict] | None = field(default=None, repr=False)  # labels CSV: relative path -> row
+    nifti_plan: Mapping[int, list[int] | None] = field(default_factory=dict, repr=False)  # see plan_nifti
+
+    def for_chunk(self, start: int, files, root_rels) -> IngestContext:
+        """This context with the labels and the NIfTI plan of the files ``start, start + 1, ...`` only:
+        what a chunk's worker is sent (not the whole labels CSV for every chunk)."""
+        labels = self.labels
+        if labels is not None:
+            labels = {key: labels[key] for (_, rel), root_rel in zip(files, root_rels) for key in (root_rel, rel)
+                      if key in labels}
+        plan = self.nifti_plan
+        if plan:
+            plan = {i: plan[i] for i in range(start, start + len(files)) if i in plan}
+        return replace(self, labels=labels, nifti_plan=plan)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Chunk ``k`` of the sorted file list: its files and the context they need (picklable, small)."""
+    k: int
+    start: int  # index of its first file in the sorted file list
+    files: Sequence[tuple[str, str]] = field(repr=False)  # (path, relative path), as scan_sources gives them
+    root_rels: Sequence[str] = field(repr=False)
+    ctx: IngestContext = field(repr=False)
+
+    def inputs(self) -> Iterator[InputFile]:
+        for j, ((full, rel), root_rel) in enumerate(zip(self.files, self.root_rels)):
+            yield InputFile(self.start + j, full, rel, root_rel)
+
+
+def chunk_jobs(ctx: IngestContext, files, root_rels, chunks, chunk_size: int) -> list[ChunkJob]:
+    """A :class:`ChunkJob` for each chunk of ``chunks``, its context cut down to its files."""
+    jobs = []
+    for k in chunks:
+        start, stop = k * chunk_size, min((k + 1) * chunk_size, len(files))
+        part, part_roots = files[start:stop], root_rels[start:stop]
+        jobs.append(ChunkJob(k, start, part, part_roots, ctx.for_chunk(start, part, part_roots)))
+    return jobs
+
+
+class _Output(NamedTuple):
+    """Where a chunk's images go: its shard writer (or :class:`_CollectWriter`) and the shard's file name."""
+    writer: object
+    shard_name: str
+
+
 # ----------------------------------------------------------------------------- NIfTI plan
 
-def plan_nifti(files, root_rels, cfg, pseudo) -> dict[int, list[int] | None]:
+def plan_nifti(files, root_rels, ctx: IngestContext) -> dict[int, list[int] | None]:
     """Slice indices per NIfTI file (by index in the file list); capped per patient, deterministic."""
     plan, used = {}, {}
     if not _may_hold_nifti(files):
@@ -475,9 +567,9 @@ def plan_nifti(files, root_rels, cfg, pseudo) -> dict[int, list[int] | None]:
         except R.ReadError:
             continue  # the worker records it as unreadable
         n = shape[2] if len(shape) >= 3 else 1
-        pid, _ = _patient_from_path(root_rel, rel, cfg, pseudo)
-        left = cfg["nifti_max_per_patient"] - used.get(pid, 0)
-        idx = R.nifti_slice_indices(n, cfg["nifti_slices"])[: max(0, left)]
+        pid, _ = _patient_from_path(root_rel, rel, ctx)
+        left = ctx.nifti_max_per_patient - used.get(pid, 0)
+        idx = R.nifti_slice_indices(n, ctx.nifti_slices)[: max(0, left)]
         used[pid] = used.get(pid, 0) + len(idx)
         plan[i] = idx
     return plan
@@ -485,29 +577,13 @@ def plan_nifti(files, root_rels, cfg, pseudo) -> dict[int, list[int] | None]:
 
 # ----------------------------------------------------------------------------- worker
 
-_CFG: dict = {}
-
-
-def _init_worker(cfg):
-    # No thread limits are set (threadpoolctl): a worker runs nothing multi-threaded (colour-to-grey's
-    # matmul on an H x W x 3 image starts no BLAS thread: checked in a forked process up to 3000 x 4000
-    # and 100 x 20000), while setting OpenBLAS's thread count in a forked process starts a BLAS thread
-    # that spins for ~0.13 s of CPU before it sleeps (measured), per worker, or in the parent when its
-    # limit is restored after the pool: a cost a seconds-long ingest felt.
-    global _CFG
-    _CFG = cfg
-
-
 _NAN = float("nan")
-_PATTERNS: dict = {}  # --patient-id pattern -> compiled
 
 
-def _patient_from_path(root_rel: str, rel: str, cfg, pseudo) -> tuple[str, str]:
-    rx = cfg.get("patient_regex")
-    if rx:
-        pattern = _PATTERNS.get(rx)
-        if pattern is None:
-            pattern = _PATTERNS[rx] = re.compile(rx)  # what re.search(rx, ...) compiles
+def _patient_from_path(root_rel: str, rel: str, ctx: IngestContext) -> tuple[str, str]:
+    pseudo = ctx.pseudo
+    pattern = ctx.patient_pattern
+    if pattern is not None:
         m = pattern.search(root_rel)
         if m:
             value = m.group(1) if m.groups() else m.group(0)
@@ -536,19 +612,18 @@ class _CollectWriter:
         return -1
 
 
-def _isolated_child(conn, args) -> None:
-    i, full, rel, root_rel, cfg, shard_name = args
+def _isolated_child(conn, f: InputFile, ctx: IngestContext, shard_name: str) -> None:
     writer = _CollectWriter()
-    rows, sidecar = _process_file(i, full, rel, root_rel, cfg, Pseudonymizer(cfg["key"]), writer, shard_name)
+    rows, sidecar = _process_file(f, ctx, _Output(writer, shard_name))
     conn.send((rows, sidecar, writer.images))
     conn.close()
 
 
-def _process_file_isolated(i, full, rel, root_rel, cfg, pseudo, writer, shard_name):
+def _process_file_isolated(f: InputFile, ctx: IngestContext, out: _Output):
     """Like :func:`_process_file`, but decoded in a child process: a decoder crash only quarantines this file."""
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_isolated_child, args=(send, (i, full, rel, root_rel, cfg, shard_name)))
+    mpctx = mp.get_context("fork")
+    recv, send = mpctx.Pipe(duplex=False)
+    child = mpctx.Process(target=_isolated_child, args=(send, f, ctx, out.shard_name))
     child.start()
     send.close()
     try:
@@ -558,28 +633,19 @@ def _process_file_isolated(i, full, rel, root_rel, cfg, pseudo, writer, shard_na
     child.join()
     recv.close()
     if rows is None:
-        kind = R.sniff(full)
+        kind = R.sniff(f.full)
         fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
-        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0))
+        row = _base_row(f, ctx, fmt, 0, (f.i, 0))
         row["reason"] = "worker_crash"
         return [row], 0
     it = iter(images)
     for row in rows:
         if row["status"] == "ingested":
-            row["offset"] = int(writer.append(next(it)))
+            row["offset"] = int(out.writer.append(next(it)))
     return rows, sidecar
 
 
-_PSEUDO: list = [None, None]  # (key, Pseudonymizer) of this process: its patient memo serves every chunk
-
-
-def _pseudonymizer(key: bytes) -> Pseudonymizer:
-    if _PSEUDO[0] != key:
-        _PSEUDO[:] = [key, Pseudonymizer(key)]
-    return _PSEUDO[1]
-
-
-def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
+def process_chunk(job: ChunkJob, isolate: bool = False, commit: bool = True, parent_pid: int | None = None) -> dict:
     """Decode, QC and store one chunk of files; commit shard, stats and manifest atomically (manifest last).
 
     ``isolate``: decode every file in its own child process (used to redo a chunk whose worker died).
@@ -587,32 +653,25 @@ def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
     temporary names and returned as ``pending``; the caller commits them with :func:`commit_chunk`
     (shard synced to disk and renamed, then the manifest renamed), so a worker goes on with its next
     chunk instead of waiting for the disk.  Until then the chunk counts as not done.
+    ``parent_pid`` (pool workers): the ingest process; a worker it left behind (killed) commits nothing.
     """
-    cfg = _CFG
-    out = Path(cfg["out"])
-    files, root_rels = cfg["files"], cfg["root_rels"]
-    start, stop = k * cfg["chunk_size"], min((k + 1) * cfg["chunk_size"], len(files))
-    pseudo = _pseudonymizer(cfg["key"])
-    shard_path, parquet_path, stats_path = _chunk_paths(out, k)
+    ctx, k = job.ctx, job.k
+    shard_path, parquet_path, stats_path = _chunk_paths(ctx.out, k)
     slots, sidecars = [], 0  # per file, in order: its rows, or an image file's facts to make its row from
-    parent = cfg.get("parent_pid")
-    shard_name = shard_path.name
     writer = ShardWriter(shard_path)
+    out = _Output(writer, shard_path.name)
     try:
-        for i in range(start, stop):
-            if parent is not None and os.getppid() != parent:  # orphaned by a killed parent: commit nothing
+        for f in job.inputs():
+            if parent_pid is not None and os.getppid() != parent_pid:  # orphaned by a killed parent: commit nothing
                 raise SystemExit(1)
-            full, rel = files[i]
             if isolate:
-                new_rows, is_sidecar = _process_file_isolated(i, full, rel, root_rels[i], cfg, pseudo, writer,
-                                                              shard_name)
+                new_rows, is_sidecar = _process_file_isolated(f, ctx, out)
             else:
-                kind, data = _open_and_sniff(full)
+                kind, data = _open_and_sniff(f.full)
                 if data is not None:  # PNG/JPEG/TIFF: decoded and stored now, its row made after the loop
-                    slots.append((i, rel, root_rels[i], kind, _image_file_facts(kind, data, cfg, writer, shard_name)))
+                    slots.append((f, kind, _image_file_facts(kind, data, ctx, out)))
                     continue
-                new_rows, is_sidecar = _process_file(i, full, rel, root_rels[i], cfg, pseudo, writer, shard_name,
-                                                     sniffed=(kind, data))
+                new_rows, is_sidecar = _process_file(f, ctx, out, sniffed=(kind, data))
             sidecars += is_sidecar
             slots.append(new_rows)
         writer.close(commit=commit)
@@ -620,14 +679,15 @@ def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
         writer.abort()
         raise
     tmp = parquet_path.with_name(f".{parquet_path.name}.{os.getpid()}.tmp")
+    n_files = len(job.files)
     try:
         rows = []
         for slot in slots:
             if isinstance(slot, list):
                 rows.extend(slot)
             else:
-                rows.append(_image_file_row_from(*slot, cfg, pseudo))
-        write_json(stats_path, {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "rows": len(rows)})
+                rows.append(_image_file_row_from(*slot, ctx))
+        write_json(stats_path, {"chunk": k, "files": n_files, "sidecar_skipped": sidecars, "rows": len(rows)})
         table = _write_rows(rows, tmp)
     except BaseException:
         if not commit:
@@ -635,7 +695,7 @@ def process_chunk(k: int, isolate: bool = False, commit: bool = True) -> dict:
         tmp.unlink(missing_ok=True)
         raise
     # the manifest table goes back to the caller too: equal to what reading the file gives, without the read
-    res = {"chunk": k, "files": stop - start, "sidecar_skipped": sidecars, "table": table, "pending": None}
+    res = {"chunk": k, "files": n_files, "sidecar_skipped": sidecars, "table": table, "pending": None}
     if commit:
         os.replace(tmp, parquet_path)
     else:
@@ -656,8 +716,6 @@ def _write_rows(rows: list[dict], path: Path):
     Reading the file back gives the same table (schema and values: strings, int64, float64, all-null
     columns as null), so the caller can keep the table instead of reading the file.
     """
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     try:
         pq.write_table(table, path)
@@ -668,30 +726,29 @@ def _write_rows(rows: list[dict], path: Path):
 
 def _read_chunk_table(path):
     """A chunk manifest as written by :func:`_write_rows` (one file: no dataset discovery)."""
-    import pyarrow.parquet as pq
-
     return pq.ParquetFile(path).read()
 
 
-def _base_row(i, rel, root_rel, cfg, pseudo, fmt, item_key, order) -> dict:
-    pid, pid_source = _patient_from_path(root_rel, rel, cfg, pseudo)
-    token = pseudo.token  # image/study/series/path pseudonyms, as pseudo.image(rel, item_key), pseudo.study(...), ...
+def _base_row(f: InputFile, ctx: IngestContext, fmt, item_key, order) -> dict:
+    rel, root_rel = f.rel, f.root_rel
+    pid, pid_source = _patient_from_path(root_rel, rel, ctx)
+    token = ctx.pseudo.token  # image/study/series/path pseudonyms, as pseudo.image(rel, item_key), pseudo.study(...), ...
     file_rel = f"file:{rel}"
     row = {
         "image_id": token("image", f"{rel}#{item_key}"), "patient_id": pid,
         "study_id": token("study", file_rel), "series_id": token("series", file_rel),
         "modality": "OT", "body_part": "unknown", "view": "unknown", "age_years": _NAN, "sex": "unknown",
         "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
-        "source": storable_text(rel) if cfg["keep_paths"] else token("path", rel), "source_format": fmt,
+        "source": storable_text(rel) if ctx.keep_paths else token("path", rel), "source_format": fmt,
         "content_hash": "", "status": "quarantined", "reason": "", "shard": "", "offset": -1,
         "_file": int(order[0]), "_item": int(order[1]), "_pid_source": pid_source,
     }
-    labels = cfg.get("labels")
-    if labels:
+    if ctx.label_columns:  # a labels CSV with label columns (its rows: those of this chunk's files)
+        labels = ctx.labels
         rec = labels.get(root_rel) or labels.get(rel)
-        for col in cfg["label_columns"]:
+        for col in ctx.label_columns:
             row[col] = rec.get(col) if rec else None
-    if cfg.get("label_from_folder"):
+    if ctx.label_from_folder:
         row["label"] = storable_text(root_rel.rsplit("/", 2)[-2]) if "/" in root_rel else ""
     return row
 
@@ -708,9 +765,10 @@ def storable_text(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
+def _fill_meta(row, meta, ctx: IngestContext, root_rel: str):
     fmt = meta["source_format"]
     if fmt == "dicom":
+        pseudo = ctx.pseudo
         row["modality"] = meta["modality"]
         row["body_part"], row["view"] = meta["body_part"], meta["view"]
         row["sex"], row["age_years"] = meta["sex"], meta["age_years"]
@@ -721,14 +779,16 @@ def _fill_meta(row, meta, cfg, pseudo, rel, root_rel):
         if meta["series_uid"]:
             row["series_id"] = pseudo.series(meta["series_uid"])
     else:
-        row["modality"] = meta["modality"] if fmt == "nifti" else cfg["modality"]
+        row["modality"] = meta["modality"] if fmt == "nifti" else ctx.modality
         body, view = _path_facts(root_rel)
-        row["body_part"] = body or cfg.get("body_part") or "unknown"
+        row["body_part"] = body or ctx.body_part or "unknown"
         row["view"] = view or "unknown"  # == V.normalise_view(None, root_rel)
 
 
-_FOLDER_FACTS: dict[str, tuple] = {}  # folder -> vocab.text_facts(folder), per process
-_FOLDER_FACTS_MAX = 1 << 14
+@functools.lru_cache(maxsize=1 << 14)
+def _cached_folder_facts(folder: str) -> tuple[str | None, str | None]:
+    """``vocab.text_facts(folder)``, cached per process (the files of a folder come together)."""
+    return V.text_facts(folder)
 
 
 def _path_facts(root_rel: str) -> tuple[str | None, str | None]:
@@ -737,44 +797,40 @@ def _path_facts(root_rel: str) -> tuple[str | None, str | None]:
     Words never span a '/', so the path's words are its folder's followed by its name's.
     """
     folder, _, name = root_rel.rpartition("/")
-    facts = _FOLDER_FACTS.get(folder)
-    if facts is None:
-        if len(_FOLDER_FACTS) >= _FOLDER_FACTS_MAX:
-            _FOLDER_FACTS.clear()
-        facts = _FOLDER_FACTS[folder] = V.text_facts(folder)
+    facts = _cached_folder_facts(folder)
     if facts[0] is not None and facts[1] is not None:
         return facts
     body, view = V.text_facts(name)
     return (facts[0] if facts[0] is not None else body), (facts[1] if facts[1] is not None else view)
 
 
-def _decode_into(row, load, cfg, pseudo, rel, root_rel, writer, shard_name, source_format=None) -> None:
+def _decode_into(row, load, f: InputFile, ctx: IngestContext, out: _Output, source_format=None) -> None:
     """One slice/array image of a multi-image input: decode, fill the row, store; a ReadError
     becomes the row's quarantine reason instead of stopping the file's other images."""
     try:
         dec = load()
         if source_format:
             dec.meta["source_format"] = source_format
-        _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
-        _store_image(row, dec, cfg, writer, shard_name)
+        _fill_meta(row, dec.meta, ctx, f.root_rel)
+        _store_image(row, dec, ctx, out)
     except R.ReadError as e:
         row["reason"] = e.reason
 
 
-def _store_image(row, dec: R.Decoded, cfg, writer, shard_name):
+def _store_image(row, dec: R.Decoded, ctx: IngestContext, out: _Output):
     """QC and store one decoded image: ``dec.stored`` (== ``readers.load_stored``), hashed for duplicates."""
     meta = dec.meta
     row["orig_height"], row["orig_width"] = dec.shape
     if meta.get("raw_constant") or dec.is_blank():
         row["reason"] = "blank"
         return
-    if min(dec.shape) < cfg["min_size"]:
+    if min(dec.shape) < ctx.min_size:
         row["reason"] = "too_small"
         return
-    small = dec.stored(cfg["max_size"])
+    small = dec.stored(ctx.max_size)
     row["content_hash"] = R.content_hash(small)  # duplicates: the same stored pixels
-    row["offset"] = int(writer.append(small))
-    row["shard"] = shard_name
+    row["offset"] = int(out.writer.append(small))
+    row["shard"] = out.shard_name
     row["height"], row["width"] = int(small.shape[0]), int(small.shape[1])
     row["status"] = "ingested"
 
@@ -811,7 +867,7 @@ def _open_and_sniff(full: str) -> tuple[str, bytes | None]:
         os.close(fd)
 
 
-def _image_file_facts(kind, data, cfg, writer, shard_name) -> dict:
+def _image_file_facts(kind, data, ctx: IngestContext, out: _Output) -> dict:
     """First half of a PNG/JPEG/TIFF file's row (``data``: its bytes): decode, QC and store it; the row
     fields this sets (``_decoded``: the decoder succeeded; ``_error``: an unexpected exception's type).
 
@@ -821,9 +877,9 @@ def _image_file_facts(kind, data, cfg, writer, shard_name) -> dict:
     """
     facts: dict = {}
     try:
-        dec = R.load_image(io.BytesIO(data), kind=kind, decoded=True, max_size=cfg["max_size"])
+        dec = R.load_image(io.BytesIO(data), kind=kind, decoded=True, max_size=ctx.max_size)
         facts["_decoded"] = True
-        _store_image(facts, dec, cfg, writer, shard_name)
+        _store_image(facts, dec, ctx, out)
     except R.ReadError as e:
         facts["reason"] = e.reason
     except MemoryError:
@@ -834,13 +890,13 @@ def _image_file_facts(kind, data, cfg, writer, shard_name) -> dict:
     return facts
 
 
-def _image_file_row_from(i, rel, root_rel, kind, facts, cfg, pseudo) -> dict:
+def _image_file_row_from(f: InputFile, kind, facts, ctx: IngestContext) -> dict:
     """Second half: the manifest row of an image file from what :func:`_image_file_facts` found."""
-    row = _base_row(i, rel, root_rel, cfg, pseudo, kind, 0, (i, 0))
+    row = _base_row(f, ctx, kind, 0, (f.i, 0))
     if facts.pop("_decoded", False):
-        row["modality"] = cfg["modality"]  # _fill_meta of a non-DICOM image
-        body, view = _path_facts(root_rel)
-        row["body_part"] = body or cfg.get("body_part") or "unknown"
+        row["modality"] = ctx.modality  # _fill_meta of a non-DICOM image
+        body, view = _path_facts(f.root_rel)
+        row["body_part"] = body or ctx.body_part or "unknown"
         row["view"] = view or "unknown"
     if error := facts.pop("_error", None):
         log.debug("file %s: unexpected %s", row["source"], error)
@@ -850,40 +906,40 @@ def _image_file_row_from(i, rel, root_rel, kind, facts, cfg, pseudo) -> dict:
     return row
 
 
-def _image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name) -> dict:
+def _image_file_row(f: InputFile, kind, data, ctx: IngestContext, out: _Output) -> dict:
     """The row of one PNG/JPEG/TIFF file (``data``: its bytes): what :func:`_process_file`'s general
     path makes of it, with only the steps such a file needs."""
-    return _image_file_row_from(i, rel, root_rel, kind, _image_file_facts(kind, data, cfg, writer, shard_name),
-                                cfg, pseudo)
+    return _image_file_row_from(f, kind, _image_file_facts(kind, data, ctx, out), ctx)
 
 
-def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name, sniffed=None):
+def _process_file(f: InputFile, ctx: IngestContext, out: _Output, sniffed=None):
     """All manifest rows of one file (one per image/frame/slice); (rows, 1 if sidecar else 0).
 
     ``sniffed``: what :func:`_open_and_sniff` gave for the file when the caller called it already.
     """
+    i, full, rel, root_rel = f
+    pseudo = ctx.pseudo
     kind, data = sniffed or _open_and_sniff(full)
     if data is not None:  # a PNG/JPEG/TIFF, read already: the short way
-        return [_image_file_row(i, rel, root_rel, kind, data, cfg, pseudo, writer, shard_name)], 0
+        return [_image_file_row(f, kind, data, ctx, out)], 0
     if kind == "sidecar":
         return [], 1
     fmt = kind if kind in ("dicom", "png", "jpeg", "tiff", "nifti", "npz") else "unknown"
-    opts = {"ct_window": tuple(cfg["ct_window"]), "mr_percentile": cfg["mr_percentile"], "decoded": True,
-            "max_size": cfg["max_size"]}
+    opts = {"ct_window": ctx.ct_window, "mr_percentile": ctx.mr_percentile, "decoded": True,
+            "max_size": ctx.max_size}
     rows = []
     try:
         if kind == "nifti":
-            idx = cfg["nifti_plan"].get(i)
+            idx = ctx.nifti_plan.get(i)
             if idx is None:
                 raise R.ReadError("unreadable")
             if not idx:
-                row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, "z", (i, 0))
+                row = _base_row(f, ctx, fmt, "z", (i, 0))
                 row["reason"] = "patient_slice_cap"
                 return [row], 0
             for j, z in enumerate(idx):
-                row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"z{z}", (i, j))
-                _decode_into(row, lambda: R.load_image(full, index=z, kind="nifti", **opts),
-                             cfg, pseudo, rel, root_rel, writer, shard_name)
+                row = _base_row(f, ctx, fmt, f"z{z}", (i, j))
+                _decode_into(row, lambda: R.load_image(full, index=z, kind="nifti", **opts), f, ctx, out)
                 rows.append(row)
             return rows, 0
         if kind == "npz":
@@ -895,7 +951,7 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name, sniff
                     arr = z[key]
                     labs = z[lab_key] if lab_key else None
                     for j in range(n):
-                        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, f"{key}/{j}", (i, len(rows)))
+                        row = _base_row(f, ctx, fmt, f"{key}/{j}", (i, len(rows)))
                         row["patient_id"] = pseudo.token("patient", f"\x00file:{rel}#{key}/{j}")
                         row["study_id"] = pseudo.study(f"file:{rel}#{key}/{j}")
                         row["series_id"] = pseudo.series(f"file:{rel}#{key}/{j}")
@@ -905,17 +961,17 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name, sniff
                             # text like folder and CSV labels (typed once, at finalise): a chunk
                             # that mixes NPZ and folder labels must not hold ints and strings
                             row["label"] = ",".join(str(int(v)) for v in lv)
-                        _decode_into(row, lambda: R.load_image(np.asarray(arr[j]), **opts),
-                                     cfg, pseudo, rel, root_rel, writer, shard_name, source_format="npz")
+                        _decode_into(row, lambda: R.load_image(np.asarray(arr[j]), **opts), f, ctx, out,
+                                     source_format="npz")
                         rows.append(row)
             return rows, 0
-        row = _base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0))
+        row = _base_row(f, ctx, fmt, 0, (i, 0))
         rows.append(row)
         if kind == "dicom":
             ds = R.read_dicom(full)
             with R.quiet_pydicom():
                 facts = R.dicom_meta(ds)
-                _fill_meta(row, facts, cfg, pseudo, rel, root_rel)  # kept even if decoding fails
+                _fill_meta(row, facts, ctx, root_rel)  # kept even if decoding fails
             dec = R.load_image(ds, index=0, dicom_facts=facts, **opts)
         elif kind in R.IMAGE_KINDS:
             dec = R.load_image(io.BytesIO(data), kind=kind, **opts)
@@ -925,19 +981,19 @@ def _process_file(i, full, rel, root_rel, cfg, pseudo, writer, shard_name, sniff
             raise R.ReadError("empty_file")
         else:
             raise R.ReadError("not_dicom_or_image")
-        _fill_meta(row, dec.meta, cfg, pseudo, rel, root_rel)
-        _store_image(row, dec, cfg, writer, shard_name)
+        _fill_meta(row, dec.meta, ctx, root_rel)
+        _store_image(row, dec, ctx, out)
     except R.ReadError as e:
         if not rows:
-            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+            rows.append(_base_row(f, ctx, fmt, 0, (i, 0)))
         rows[-1]["reason"] = e.reason
     except MemoryError:
         if not rows:
-            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+            rows.append(_base_row(f, ctx, fmt, 0, (i, 0)))
         rows[-1]["reason"] = "too_large"
     except Exception as e:  # one bad file never stops the run; no message text (it may quote header values)
         if not rows:
-            rows.append(_base_row(i, rel, root_rel, cfg, pseudo, fmt, 0, (i, 0)))
+            rows.append(_base_row(f, ctx, fmt, 0, (i, 0)))
         rows[-1]["reason"] = "decode_error"
         log.debug("file %s: unexpected %s", rows[-1]["source"], type(e).__name__)
     for r in rows:
@@ -1029,12 +1085,16 @@ def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="aut
         # a finished store (its manifest written) is checked down to its pixels' hashes, a resumed one for sizes
         intact, damaged = check_chunks(out, mine, deep=(out / "manifest.parquet").is_file())
         todo = [k for k in mine if k not in intact]
-        cfg = dict(public, out=str(out), files=files, root_rels=root_rels, key=pseudo._key, labels=label_map,
-                   label_columns=label_cols, patient_regex=patient_id,
-                   nifti_plan=plan_nifti(files, root_rels, {**public, "patient_regex": patient_id}, pseudo))
+        ctx = IngestContext(
+            out=out, pseudo=pseudo, max_size=max_size, min_size=min_size, keep_paths=bool(keep_paths),
+            modality=modality, body_part=body_part or "", ct_window=tuple(public["ct_window"]),
+            mr_percentile=public["mr_percentile"], nifti_slices=nifti_slices,
+            nifti_max_per_patient=nifti_max_per_patient, patient_pattern=re.compile(patient_id) if patient_id else None,
+            label_from_folder=lff, label_columns=tuple(label_cols), labels=label_map)
+        ctx = replace(ctx, nifti_plan=plan_nifti(files, root_rels, ctx))
         log.info("%d files, %d chunks (%d to do)%s", len(files), len(mine), len(todo),
                  f", partition {part[0]}/{part[1]}" if part else "")
-        done = _run_chunks(todo, cfg, workers, files, progress, exts)
+        done = _run_chunks(chunk_jobs(ctx, files, root_rels, todo, chunk_size), workers, progress, files, exts)
         summary = finalise(out, mine, partition=part, done={**intact, **done})
     except OSError as e:
         if not is_disk_full(e):
@@ -1165,16 +1225,14 @@ def _preimport(files, exts=None) -> None:
     """Import the decoders the files may need once before forking, so each worker does not pay for it.
 
     pydicom is skipped when every file is named as a PNG/JPEG/TIFF and nibabel
-    when none is named as NIfTI (a worker still imports them if a file needs them).
+    when none is named as NIfTI (a worker still imports them if a file needs them): both are heavy,
+    hence imported here, in a function, and only when needed.
     """
-    import pyarrow.parquet  # noqa: F401  (chunk manifests)
-    from PIL import Image
-
     Image.init()
     if not all(e in IMAGE_EXTS for e in (exts if exts is not None else (_ext(rel) for _, rel in files))):
-        import pydicom.pixels  # noqa: F401
+        import pydicom.pixels  # noqa: F401  (heavy: preloaded before forking)
     if _may_hold_nifti(files) and any(rel.lower().endswith(NIFTI_EXTS) for _, rel in files):
-        import nibabel  # noqa: F401
+        import nibabel  # noqa: F401  (heavy, optional: preloaded before forking)
 
 
 def _may_hold_nifti(files) -> bool:
@@ -1182,39 +1240,41 @@ def _may_hold_nifti(files) -> bool:
     return ".nii" in "\n".join(map(itemgetter(1), files)).lower()
 
 
-def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
-    """Process the chunks ``todo`` (a pool of workers, or this process).
+def _run_chunks(jobs: list[ChunkJob], workers, progress, files, exts=None) -> dict:
+    """Process the chunks of ``jobs`` (a pool of workers, or this process).
 
     Returns {chunk: (its manifest table, its sidecar count)} of the chunks done here, so that
     finalisation need not read them back from their files.
-    """
-    from tqdm import tqdm
 
+    Each job carries its context (:class:`IngestContext`, cut down to its files), so a worker needs
+    nothing from the parent but the job: the pool has no initializer and the workers no globals.
+    No thread limits are set (threadpoolctl): a worker runs nothing multi-threaded (colour-to-grey's
+    matmul on an H x W x 3 image starts no BLAS thread: checked in a forked process up to 3000 x 4000
+    and 100 x 20000), while setting OpenBLAS's thread count in a forked process starts a BLAS thread
+    that spins for ~0.13 s of CPU before it sleeps (measured), per worker, or in the parent when its
+    limit is restored after the pool: a cost a seconds-long ingest felt.
+    """
     done: dict = {}
-    if not todo:
+    if not jobs:
         return done
     n_workers = workers or os.cpu_count() or 1
-    n_workers = max(1, min(n_workers, len(todo)))
-    size = cfg["chunk_size"]
-    total = sum(min(size, len(files) - k * size) for k in todo)
+    n_workers = max(1, min(n_workers, len(jobs)))
+    total = sum(len(job.files) for job in jobs)
     bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr, disable=None if progress else True)
     try:
         if n_workers == 1:
-            _init_worker(cfg)
-            for k in todo:
-                res = process_chunk(k)
-                done[k] = (res["table"], res["sidecar_skipped"])
+            for job in jobs:
+                res = process_chunk(job)
+                done[job.k] = (res["table"], res["sidecar_skipped"])
                 bar.update(res["files"])
         else:
             _preimport(files, exts)
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-            worker_cfg = dict(cfg, parent_pid=os.getpid())
+            mpctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
             gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of its heap
             try:
-                with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(worker_cfg,)) as pool:
+                with ProcessPoolExecutor(n_workers, mp_context=mpctx) as pool:
                     # workers leave each chunk pending; committing it (the disk sync) is this process's job
-                    futures = {pool.submit(process_chunk, k, False, False): k for k in todo}
+                    futures = {pool.submit(process_chunk, job, False, False, os.getpid()): job.k for job in jobs}
                     try:
                         for fut in as_completed(futures):
                             res = fut.result()
@@ -1235,15 +1295,15 @@ def _run_chunks(todo, cfg, workers, files, progress, exts=None) -> dict:
             finally:
                 gc.unfreeze()
             if broken:  # a decoder crashed (or memory ran out): redo the unfinished chunks file by file
-                left = [k for k in todo if not _chunk_paths(Path(cfg["out"]), k)[1].is_file()]
+                out = jobs[0].ctx.out
+                left = [job for job in jobs if not _chunk_paths(out, job.k)[1].is_file()]
                 log.warning("a worker process died; redoing %d chunk(s) with each file decoded in its own process",
                             len(left))
-                _init_worker(cfg)
-                for k in left:
-                    res = process_chunk(k, isolate=True)
-                    done[k] = (res["table"], res["sidecar_skipped"])
+                for job in left:
+                    res = process_chunk(job, isolate=True)
+                    done[job.k] = (res["table"], res["sidecar_skipped"])
                     bar.update(res["files"])
-                _remove_tmp(Path(cfg["out"]))  # what the dead worker (or a lost result) left behind
+                _remove_tmp(out)  # what the dead worker (or a lost result) left behind
     finally:
         bar.close()
     return done
