@@ -166,7 +166,7 @@ def format_table(info: dict) -> str:
 def sample_grid(root: str | Path, path: str | Path | None = None, per_group: int = 4, max_groups: int = 8,
                 size: int = 160, seed: int = 0) -> Path | None:
     """Draw ``per_group`` random images for each of up to ``max_groups`` body parts; returns the PNG path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (matplotlib): only for sample grids
     from matplotlib.figure import Figure
 
     from radpretrain.data.dataset import letterbox

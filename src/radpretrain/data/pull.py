@@ -39,7 +39,9 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from tqdm.auto import tqdm
 
+from radpretrain import __version__
 from radpretrain.errors import UserError
 from radpretrain.utils import get_logger, write_json
 
@@ -291,7 +293,7 @@ class _Puller:
         """A DICOMweb client per thread (requests sessions are not shared across threads)."""
         c = getattr(self.local, "client", None)
         if c is None:
-            from dicomweb_client.api import DICOMwebClient
+            from dicomweb_client.api import DICOMwebClient  # optional dependency: only for a pull
 
             session = requests.Session()
             # Without this, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE would silently override --ca-bundle and
@@ -300,8 +302,6 @@ class _Puller:
             session.proxies.update(requests.utils.get_environ_proxies(self.url))
             session.auth = self.auth
             session.verify = self.verify
-            from radpretrain import __version__
-
             session.headers["User-Agent"] = f"radpretrain/{__version__}"
             try:
                 c = DICOMwebClient(self.url, session=session, timeout=self.timeout)
@@ -614,8 +614,6 @@ def pull(url: str, out_dir: str | os.PathLike, modality: str | Iterable[str] | N
     Returns the summary (also saved as ``out_dir/pull_summary.json``).  Raises ``UserError`` when the
     server cannot be searched or stops answering (the summary is saved first; rerun to resume).
     """
-    from tqdm.auto import tqdm
-
     url = _check_url(url)
     modalities = _code_list(modality, "--modality")
     body_parts = _code_list(body_part, "--body-part")

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from radpretrain.data.info import per_file_note
 from radpretrain.data.store import SPLITS, Store
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json, write_json
@@ -377,8 +378,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from radpretrain.data.info import per_file_note
-
     df, meta = write_splits(args.dataset, folds=args.folds, seed=args.seed, stratify=args.stratify,
                             val=args.val, test=args.test, max_per_patient=args.max_per_patient)
     c = meta["counts"]

@@ -41,6 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from radpretrain.data import readers as R
+from radpretrain.errors import UserError
+
 VOLUME_REASONS = ("unreadable", "truncated", "unsupported", "irregular_slices", "decode_error")
 MHD_EXTS = (".mhd", ".mha")
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -271,7 +274,7 @@ def open_mhd(path) -> Volume:
 
 def open_nifti(path) -> Volume:
     """A NIfTI volume; the RAS affine converted to LPS; values scaled by scl_slope/scl_inter."""
-    import nibabel as nib
+    import nibabel as nib  # heavy, optional (nibabel): only for NIfTI volumes
 
     try:
         img = nib.load(str(path))
@@ -362,19 +365,17 @@ def dicom_series_geometry(slices: list[DicomSlice]) -> tuple[Geometry, list[Dico
 
 def open_dicom_series(slices: list[DicomSlice]) -> Volume:
     """The volume of one DICOM series (every slice decoded, modality LUT applied)."""
-    from pydicom.pixels import apply_modality_lut
-
-    from radpretrain.data.readers import ReadError, quiet_pydicom, read_dicom
+    from pydicom.pixels import apply_modality_lut  # heavy (pydicom): only for DICOM series
 
     geom, order = dicom_series_geometry(slices)
     ni, nj, nk = geom.shape
     vol = np.empty((ni, nj, nk), dtype=np.float32)
     for k, s in enumerate(order):
         try:
-            ds = read_dicom(s.path)
-            with quiet_pydicom():
+            ds = R.read_dicom(s.path)
+            with R.quiet_pydicom():
                 arr = apply_modality_lut(ds.pixel_array, ds)
-        except ReadError as e:
+        except R.ReadError as e:
             raise VolumeError("unreadable" if e.reason in ("unreadable", "not_dicom_or_image") else "decode_error") from None
         except Exception:
             raise VolumeError("decode_error") from None
@@ -405,7 +406,7 @@ class VolumeSource:
             fields, _ = read_mhd_header(self.path)
             return mhd_geometry(fields)
         if self.kind == "nifti":
-            import nibabel as nib
+            import nibabel as nib  # heavy, optional (nibabel): only for NIfTI volumes
 
             try:
                 img = nib.load(self.path)
@@ -456,8 +457,6 @@ def find_volumes(sources) -> tuple[dict[str, VolumeSource], dict]:
     MetaImage/NIfTI file in sorted path order, else the DICOM series) and is counted in
     ``duplicate_uids``.
     """
-    from radpretrain.data import readers as R
-
     files: list[tuple[str, str]] = []
     for src in sources:
         root = Path(src)
@@ -465,8 +464,6 @@ def find_volumes(sources) -> tuple[dict[str, VolumeSource], dict]:
             files.append((str(root), root.name))
             continue
         if not root.is_dir():
-            from radpretrain.errors import UserError
-
             raise UserError(f"{root}: no such file or folder")
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
