@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     from radpretrain.data.dataset import StoreDataset
     from radpretrain.data.store import Store
-    from radpretrain.data.toy import make_toy_store
+    from radpretrain.synthetic.toy import make_toy_store
     from radpretrain.methods.mae import MAE
     from radpretrain.methods.metadata import MetadataSupervised
     from radpretrain.methods.simclr import SimCLR

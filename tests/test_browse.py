@@ -16,7 +16,7 @@ import torch
 import radpretrain.browse as browse
 from radpretrain.cli import main as cli_main
 from radpretrain.data.store import SHARD_DIR, ShardWriter, Store, write_manifest
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.export import export_encoder
 from radpretrain.models.weights import save_encoder

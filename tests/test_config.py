@@ -7,7 +7,7 @@ import yaml
 
 from radpretrain.cli import main
 from radpretrain.config import apply_overrides, check_config, is_preset, load_config_with_source, preset_names, preset_text
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.evaluate.options import parse_options
 from radpretrain.pretrain.config import DEFAULTS, method_schema, resolve_config

@@ -16,7 +16,7 @@ import yaml
 
 from radpretrain.cli import main as cli_main
 from radpretrain.data.store import Store, write_manifest
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.export import EXPORT_FILES, export_encoder, load_encoder
 from radpretrain.models.weights import save_encoder
@@ -221,7 +221,7 @@ def test_model_card_has_counts_evaluation_and_no_phi(tmp_path):
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """A tiny synthetic PACS export (real DICOM/PNG/JPEG files with planted PHI)."""
-    synth = pytest.importorskip("radpretrain.data.synth")
+    synth = pytest.importorskip("radpretrain.synthetic.archive")
     out = tmp_path_factory.mktemp("synth") / "archive"
     synth.generate_archive(out, n_patients=3, seed=3)
     return out

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from radpretrain.cli import main
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.models.weights import load_run_encoder
 from radpretrain.pretrain import EpochBatchSampler, pretrain, resolve_config, select_images

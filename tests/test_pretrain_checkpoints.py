@@ -14,7 +14,7 @@ import torch
 
 import radpretrain.pretrain as engine
 from radpretrain.cli import main
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.pretrain import find_resume_checkpoint, inspect_checkpoint, pretrain, read_checkpoint, write_checkpoint
 

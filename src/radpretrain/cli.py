@@ -16,7 +16,7 @@ from radpretrain.errors import UserError
 
 # name -> (module, one-line help).  Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("radpretrain.data.synth", "write a synthetic PACS-like archive (DICOM with fake PHI, broken files, labels)"),
+    "synth": ("radpretrain.synthetic.cli", "write a synthetic PACS-like archive (DICOM with fake PHI, broken files, labels)"),
     "pull": ("radpretrain.data.pull", "pull studies from a PACS over DICOMweb (QIDO-RS/WADO-RS)"),
     "ingest": ("radpretrain.data.ingest", "turn DICOM/PNG/JPEG/TIFF/NIfTI/NPZ files into a de-identified dataset store"),
     "patches": ("radpretrain.data.patches", "cut labelled 2-D patches around candidate points of CT volumes (LUNA16-style)"),

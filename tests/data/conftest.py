@@ -18,7 +18,7 @@ def deid_key(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_archive(tmp_path_factory):
     """An 8-patient synthetic PACS archive (DICOM with planted PHI, exports, broken files, labels)."""
-    synth = pytest.importorskip("radpretrain.data.synth")
+    synth = pytest.importorskip("radpretrain.synthetic.archive")
     out = tmp_path_factory.mktemp("synth") / "archive"
     synth.generate_archive(out, n_patients=8, seed=3)
     return out

@@ -10,7 +10,7 @@ import torch
 
 from radpretrain.data.dataset import StoreDataset, fit_size, letterbox, stretch
 from radpretrain.data.store import MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, Store, write_manifest, write_store_meta
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 from radpretrain.cli import main
 from radpretrain.data.info import collect
 from radpretrain.data.store import MANIFEST, Store, write_manifest, write_store_meta
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.utils import write_json
 
 

@@ -44,7 +44,7 @@ def _png_tree(root, files, size=(48, 40)):
 def two_stores(tmp_path_factory):
     """Two small synthetic archives (different seeds) ingested separately with the same key; the second
     archive also holds a copy of one of the first archive's DICOM files (at another path)."""
-    synth = pytest.importorskip("radpretrain.data.synth")
+    synth = pytest.importorskip("radpretrain.synthetic.archive")
     root = tmp_path_factory.mktemp("merge")
     a, b = root / "archive_a", root / "archive_b"
     synth.generate_archive(a, n_patients=3, seed=1, workers=1)

@@ -14,7 +14,7 @@ from radpretrain.data.patches import (
     plane_axes, read_candidates, sample_plane,
 )
 from radpretrain.data.store import MANIFEST_COLUMNS, Store
-from radpretrain.data.synth_ct import (
+from radpretrain.synthetic.ct import (
     Chest, Lung, Nodule, nodule_mask, patch_reach_mm, render_hu, world_box, write_dicom_series, write_mhd,
     write_nifti,
 )

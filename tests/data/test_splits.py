@@ -11,7 +11,7 @@ from radpretrain.data.splits import (
     check_leakage, fold_indices, load_splits, make_splits, select, split_indices, write_splits,
 )
 from radpretrain.data.store import Store
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 
 

@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from radpretrain.cli import main
-from radpretrain.data import synth
+from radpretrain.synthetic import archive as synth
 from radpretrain.errors import UserError
 
 N_PATIENTS = 8

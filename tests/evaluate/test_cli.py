@@ -8,7 +8,7 @@ import pytest
 
 from radpretrain.cli import main
 from radpretrain.data.store import Store, write_manifest
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 
 BACKBONE = ["--backbone", "test_efficientnet", "--image-size", "32"]
 

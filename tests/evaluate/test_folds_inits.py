@@ -13,7 +13,7 @@ from radpretrain.evaluate.inits import build_init, map_keys, parse_init
 
 
 def _store(tmp_path, n_pat=40, per=2):
-    from radpretrain.data.toy import make_toy_store
+    from radpretrain.synthetic.toy import make_toy_store
 
     return Store(make_toy_store(tmp_path / "s", n_patients=n_pat, images_per_patient=per, size=(24, 24)))
 

@@ -30,7 +30,7 @@ def test_candidate_scores_average_their_patches():
 @pytest.fixture(scope="module")
 def patch_store(tmp_path_factory):
     from radpretrain.data.patches import make_patch_store
-    from radpretrain.data.synth_ct import write_luna_like
+    from radpretrain.synthetic.ct import write_luna_like
 
     from ..data.conftest import TEST_KEY
 

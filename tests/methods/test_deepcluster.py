@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from radpretrain.data.dataset import StoreDataset
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.methods import get_method
 from radpretrain.methods.deepcluster import (

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from radpretrain.data.dataset import StoreDataset
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.methods.dino import DINO
 from radpretrain.models.weights import load_run_encoder
 from radpretrain.pretrain import pretrain

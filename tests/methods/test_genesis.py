@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radpretrain.data.dataset import StoreDataset
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.methods import get_method
 from radpretrain.methods.genesis import (

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from radpretrain.data.dataset import StoreDataset
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.methods.mae import MAE, patchify, random_masking, unpatchify
 
 CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},

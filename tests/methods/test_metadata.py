@@ -7,7 +7,7 @@ import torch
 
 from radpretrain.data.dataset import StoreDataset
 from radpretrain.data.store import Store
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.methods.metadata import MetadataSupervised, build_vocabularies
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from radpretrain.data.dataset import StoreDataset
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.methods.simclr import GreyAugment, SimCLR
 
 CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from radpretrain.data.toy import make_toy_store
+from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.pretrain import pretrain
 
 TINY_MAE = ["trainer.enable_progress_bar=false", "data.num_workers=0", "trainer.cpu_threads=1",

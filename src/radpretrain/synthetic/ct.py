@@ -241,7 +241,7 @@ def write_mhd(path, hu: np.ndarray, geom: Geometry) -> Path:
 
 def write_nifti(path, hu: np.ndarray, geom: Geometry) -> Path:
     """A NIfTI-1 file (int16 HU) whose RAS affine is ``geom``'s."""
-    import nibabel as nib
+    import nibabel as nib  # heavy, optional (nibabel): only for --ct-format nifti
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def write_dicom_series(folder, hu: np.ndarray, geom: Geometry, *, series_uid: st
 
     ``geom``'s third direction must be perpendicular to the first two (any orthonormal direction is).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset, FileMetaDataset  # heavy (pydicom): only for DICOM series
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
     folder = Path(folder)

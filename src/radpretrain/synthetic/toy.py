@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radpretrain.data.store import (
-    MANIFEST_COLUMNS, SHARD_DIR, ShardWriter, to_stored, write_manifest, write_store_meta,
-)
+from radpretrain.data.intensity import to_stored
+from radpretrain.data.manifest import MANIFEST_COLUMNS
+from radpretrain.data.store import SHARD_DIR, ShardWriter, write_manifest, write_store_meta
 
 TOY_BODY_PARTS = ("hand", "knee", "chest")
 

@@ -1,4 +1,4 @@
-"""``radpretrain synth``: write a synthetic, PACS-export-like archive.
+"""``radpretrain synth`` (the default ``--kind pacs``): write a synthetic, PACS-export-like archive.
 
 The archive is the test bed of every later stage.  It contains real DICOM files
 (pydicom) in a ``patient/study/series/instance`` layout whose folder names are
@@ -21,6 +21,7 @@ the seed: same seed -> byte-identical files.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -43,9 +44,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from radpretrain.data import synth_anatomy as anat
 from radpretrain.data.vocab import KNOWN_SEXES
 from radpretrain.errors import UserError
+from radpretrain.synthetic import anatomy as anat
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -811,15 +812,16 @@ def _write_item(it: Item, out: Path, bank: NoiseBank) -> dict[str, dict]:
     raise AssertionError(it.kind)  # pragma: no cover
 
 
-_WORKER: dict = {}
+@functools.lru_cache(maxsize=1)
+def cached_noise_bank(seed: int) -> NoiseBank:
+    """:class:`NoiseBank` of ``seed`` (36 MB, never changed), made once: forked workers inherit it."""
+    return NoiseBank(seed)
 
 
-def _init_worker(out: str, bank: NoiseBank) -> None:
-    _WORKER["out"], _WORKER["bank"] = Path(out), bank
-
-
-def _run_job(it: Item) -> dict[str, dict]:
-    return _write_item(it, _WORKER["out"], _WORKER["bank"])
+def _run_job(job: tuple[Item, str, int]) -> dict[str, dict]:
+    """A pool worker's task: (item, output folder, seed); the noise bank is the one made before forking."""
+    it, out, seed = job
+    return _write_item(it, Path(out), cached_noise_bank(seed))
 
 
 def _n_workers(workers: int | None, n_jobs: int) -> int:
@@ -850,18 +852,21 @@ def generate_archive(out, n_patients: int = 200, seed: int = 0, overwrite: bool 
     _prepare_out(out, overwrite)
     planner = _Planner(n_patients, seed)
     items = planner.plan()
-    bank = NoiseBank(seed)
     jobs = [it for it in items if it.kind != "exact_duplicate"]  # duplicates are written with their source
     results: dict[str, dict] = {}
     workers = _n_workers(workers, len(jobs))
-    if workers > 1:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(out), bank)) as pool:
-            for res in pool.imap_unordered(_run_job, jobs, chunksize=4):
-                results.update(res)
-    else:
-        for it in jobs:
-            results.update(_write_item(it, out, bank))
+    try:
+        bank = cached_noise_bank(seed)  # before forking: the workers inherit it
+        if workers > 1:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(workers) as pool:
+                for res in pool.imap_unordered(_run_job, [(it, str(out), seed) for it in jobs], chunksize=4):
+                    results.update(res)
+        else:
+            for it in jobs:
+                results.update(_write_item(it, out, bank))
+    finally:
+        cached_noise_bank.cache_clear()  # its 36 MB are not kept after the archive is written
     written = [it for it in items if it.kind != "exact_duplicate"]
     written += [c for it in items for c in it.children if c.kind == "exact_duplicate"]
     written += [c for it in items for c in it.children if c.kind == "near_duplicate"]
@@ -908,45 +913,3 @@ def generate_archive(out, n_patients: int = 200, seed: int = 0, overwrite: bool 
     summary["out"] = str(out)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--kind", choices=("pacs", "luna16"), default="pacs",
-                        help="pacs: a PACS-like archive of radiographs (default); luna16: CT volumes with planted "
-                             "nodules and a candidates.csv, for 'radpretrain patches' (docs/ct_patches.md)")
-    parser.add_argument("--patients", type=int, default=None,
-                        help="number of fake patients (default 200; with --kind luna16: scans, default 3)")
-    parser.add_argument("--ct-format", choices=("mhd", "nifti", "dicom", "mixed"), default="mhd",
-                        help="--kind luna16: volume format (mhd as LUNA16, nifti, dicom series, or mixed)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes drawing images (default: up to 2); output does not depend on it")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it is an earlier synthetic archive")
-
-
-def run(args) -> int:
-    if args.kind == "luna16":
-        from radpretrain.data.synth_ct import write_luna_like
-
-        if args.seed < 0:
-            raise UserError(f"--seed must be >= 0 (got {args.seed})")
-        s = write_luna_like(args.out, n_scans=3 if args.patients is None else args.patients, seed=args.seed,
-                            fmt=args.ct_format, overwrite=args.overwrite)
-        print(f"synth: wrote {s['n_scans']} CT volumes ({s['format']}) and {s['candidates']} candidates "
-              f"({s['positives']} nodules, {s['negatives']} negatives) to {s['out']}")
-        print(f"synth: candidates in {Path(s['out']) / 'candidates.csv'}; ground truth in {Path(s['out']) / '.synth'}")
-        return 0
-    s = generate_archive(args.out, n_patients=200 if args.patients is None else args.patients, seed=args.seed,
-                         overwrite=args.overwrite, workers=args.workers)
-    kinds = ", ".join(f"{k} {v}" for k, v in s["by_kind"].items() if v)
-    print(f"synth: wrote {s['n_files']} files for {s['n_patients']} patients "
-          f"({s['n_lesion_patients']} with lesion) in {s['seconds']:.1f} s to {s['out']}")
-    print(f"synth: by kind: {kinds}")
-    print(f"synth: labels in {Path(s['out']) / 'labels.csv'}; ground truth in {Path(s['out']) / '.synth'}")
-    return 0
