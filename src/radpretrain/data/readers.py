@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radpretrain.data import intensity as I
 from radpretrain.data.deid import dicom_age
@@ -505,8 +506,6 @@ def _header_voi(ds, frame: int):
 
 def pil_to_array(im) -> np.ndarray:
     """A PIL image (first page) -> 2-D or 3-D numpy array in its native dtype."""
-    from PIL import ImageOps
-
     if getattr(im, "format", None) in ("JPEG", "TIFF") and "exif" in im.info:
         if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation
             im = ImageOps.exif_transpose(im)
@@ -541,8 +540,6 @@ _PIL_FORMATS = {"png": ["PNG"], "jpeg": ["JPEG", "MPO"], "tiff": ["TIFF"]}
 
 
 def read_pil(path, kind: str | None = None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path, formats=_PIL_FORMATS.get(kind)) as im:
             im.seek(0)
