@@ -5,6 +5,11 @@ One place for the values ``modality``, ``body_part``, ``view`` and ``sex`` may t
 that normalise free text (BodyPartExamined, descriptions, protocol names, file paths) to them.
 Readers, ingest, de-identification, the synthetic archive and the metadata-supervised method read
 them from here; nothing here is identifying or changes at run time.
+
+Body part, age and sex are labels an archive holds for free; pretraining on them (the ``metadata``
+method) is the idea of the thread "Transfer Learning for Medical Radiography" on the fast.ai forums
+(opened by Sheldon Derkatch, a radiologist, with replies by other radiologists and practitioners;
+https://forums.fast.ai/t/transfer-learning-for-medical-radiography/4931).
 """
 
 from __future__ import annotations
