@@ -16,8 +16,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from radpretrain.cli import main
-from radpretrain.synthetic import archive as synth
+from radpretrain.data import vocab
 from radpretrain.errors import UserError
+from radpretrain.synthetic import anatomy
+from radpretrain.synthetic import archive as synth
 
 N_PATIENTS = 8
 
@@ -252,3 +254,10 @@ def test_cli_summary_without_phi(tmp_path, capsys):
 def test_bad_arguments():
     with pytest.raises(UserError):
         synth.generate_archive("/nonexistent-never-created", n_patients=2)
+
+
+def test_the_archive_draws_from_the_manifest_vocabularies():
+    assert set(synth.PART_WEIGHTS) <= set(vocab.BODY_PARTS) and set(anatomy.RADIOGRAPH_PARTS) <= set(vocab.BODY_PARTS)
+    assert set(synth.BODY_PART_TEXT) == set(synth.PART_WEIGHTS)
+    for part, texts in synth.BODY_PART_TEXT.items():  # what ingest makes of each BodyPartExamined it writes
+        assert {vocab.normalise_body_part(t) for t in texts} == {part}
