@@ -331,3 +331,26 @@ def test_cpu_threads_auto_sets_one_thread_per_idle_core(ds, tmp_path):
         assert f"cpu_threads: {torch.get_num_threads()}\n" in (run / "config.yaml").read_text()  # what ran
     finally:
         torch.set_num_threads(before)
+
+
+def test_resize_on_the_device_trains_like_the_loader_path(ds, tmp_path, rel_err):
+    """data.resize_on=device (the GPU path, run here on CPU tensors): workers send stored pixels, the
+    engine letterboxes each batch after the transfer; the loss curve is the loader path's to within the
+    1/255 pixel tolerance of the two kernels (tests/data/test_geometry.py)."""
+    common = TINY_MAE + ["trainer.max_steps=4", "data.val_fraction=0.25", "export.weights=last"]
+    runs = {}
+    for where in ("loader", "device"):
+        runs[where] = tmp_path / where
+        pretrain("mae", ds, runs[where], overrides=common + [f"data.resize_on={where}"])
+    log = (runs["device"] / "logs" / "pretrain.log").read_text()
+    assert "images resized to 32 px on the device, in batches (data.resize_on=device)" in log
+    assert "in the loader workers (data.resize_on=loader)" in (runs["loader"] / "logs" / "pretrain.log").read_text()
+    a, b = losses(runs["loader"]), losses(runs["device"])
+    assert len(a) == len(b) == 4 and rel_err(b.to_numpy(), a.to_numpy()) < 2e-3, (a, b)
+    val = [pd.read_csv(r / "logs" / "csv" / "metrics.csv")["val/loss"].dropna().to_numpy() for r in runs.values()]
+    assert len(val[0]) and rel_err(val[1], val[0]) < 2e-3
+    # a method that transforms samples in the workers needs resized images there
+    with pytest.raises(UserError, match="data.resize_on=device: method 'genesis'"):
+        pretrain("genesis", ds, tmp_path / "g", overrides=FAST + ["model.kwargs={}", "model.pretrained=none",
+                                                             "data.resize_on=device", "trainer.max_steps=1"])
+    assert not (tmp_path / "g").exists()

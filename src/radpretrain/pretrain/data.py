@@ -6,7 +6,9 @@
 - :func:`balance_weights`: per-image weights for ``data.balance``;
 - :class:`EpochBatchSampler` / :class:`SkippingBatchSampler`: seeded per epoch, sharded over DDP
   ranks, resumable mid-epoch;
-- :class:`StoreData`: the ``LightningDataModule`` the Trainer fits on.
+- :class:`StoreData`: the ``LightningDataModule`` the Trainer fits on; with
+  :func:`resize_on_device` its workers send the stored pixels and the batch is letterboxed on the
+  training device (:mod:`radpretrain.data.geometry`) before the method sees it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from radpretrain.config import get
 from radpretrain.data.buckets import BucketBatchSampler
 from radpretrain.data.dataset import StoreDataset
+from radpretrain.data.geometry import finish_batch
 from radpretrain.data.splits import load_splits
 from radpretrain.errors import UserError
 from radpretrain.models.backbones import grey_stats, is_random_init
@@ -264,20 +267,49 @@ class SkippingBatchSampler(torch.utils.data.Sampler):
 
 
 # -- the Lightning data module ------------------------------------------------------------
-class StoreData(L.LightningDataModule):
-    """Train/val loaders over the store; built lazily inside each (DDP) process."""
+def resize_on_device(cfg: dict, method, device_type: str) -> bool:
+    """``data.resize_on``: whether batches are letterboxed on the training device instead of in the workers.
 
-    def __init__(self, store, cfg: dict, method, train_rows, val_rows, resuming: bool):
+    ``auto``: on a GPU, unless the method transforms samples in the workers (``sample_transform``,
+    which needs resized images); ``device`` insists (a :class:`UserError` for such a method);
+    ``loader``: the CPU path.
+    """
+    mode = str(get(cfg, "data.resize_on", "auto") or "auto")
+    per_sample = method.sample_transform() is not None
+    if mode == "loader":
+        return False
+    if mode == "device":
+        if per_sample:
+            raise UserError(f"data.resize_on=device: method {method.method_name!r} transforms each sample in the "
+                            "loader workers, which needs resized images; use data.resize_on=auto or loader")
+        return True
+    return device_type == "cuda" and not per_sample
+
+
+class StoreData(L.LightningDataModule):
+    """Train/val loaders over the store; built lazily inside each (DDP) process.
+
+    With ``defer_resize`` (see :func:`resize_on_device`) the loaders' items carry the stored pixels,
+    and :meth:`transfer_batch_to_device` letterboxes each batch once it is on the device.
+    """
+
+    def __init__(self, store, cfg: dict, method, train_rows, val_rows, resuming: bool, defer_resize: bool = False):
         super().__init__()
         self.store, self.cfg, self.method = store, cfg, method
         self.train_rows, self.val_rows = train_rows, val_rows
         self.resuming = resuming
+        self.defer_resize = bool(defer_resize)
         self._skipped = False
 
     def _dataset(self, rows, resize):
         d = self.cfg["data"]
         return StoreDataset(self.store, rows, image_size=int(d["image_size"]), resize=resize,
-                            fields=tuple(self.method.fields), transform=self.method.sample_transform())
+                            fields=tuple(self.method.fields), transform=self.method.sample_transform(),
+                            defer_resize=self.defer_resize)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # the method's own on_after_batch_transfer (device-side augmentation) then sees the finished batch
+        return finish_batch(super().transfer_batch_to_device(batch, device, dataloader_idx))
 
     def _loader_kw(self):
         d = self.cfg["data"]
@@ -317,7 +349,7 @@ class StoreData(L.LightningDataModule):
                 bs.skip_batches(epoch, done)
                 log.info("resuming epoch %d after batch %d of %d", epoch, done, len(bs))
             self._skipped = True
-        return torch.utils.data.DataLoader(ds, batch_sampler=bs, **self._loader_kw())
+        return torch.utils.data.DataLoader(ds, batch_sampler=bs, collate_fn=ds.collate, **self._loader_kw())
 
     def val_dataloader(self):
         d = self.cfg["data"]
@@ -326,7 +358,8 @@ class StoreData(L.LightningDataModule):
         if len(rows) == 0:  # every rank must run validation (the epoch-end all-reduce of val/loss)
             rows = self.val_rows[:1]
         ds = self._dataset(rows, "letterbox")
-        return torch.utils.data.DataLoader(ds, batch_size=int(d["batch_size"]), shuffle=False, **self._loader_kw())
+        return torch.utils.data.DataLoader(ds, batch_size=int(d["batch_size"]), shuffle=False, collate_fn=ds.collate,
+                                           **self._loader_kw())
 
 
 def preview_batch(store, cfg, model, rows):

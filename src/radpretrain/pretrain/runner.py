@@ -28,7 +28,7 @@ from radpretrain.pretrain.checkpoints import (
     clear_partial_writes, disk_full_error, disk_full_message, existing_run, find_resume_checkpoint, free_bytes,
     inspect_checkpoint, read_checkpoint)
 from radpretrain.pretrain.config import resolve_config, resume_config
-from radpretrain.pretrain.data import StoreData, input_stats, select_images
+from radpretrain.pretrain.data import StoreData, input_stats, resize_on_device, select_images
 from radpretrain.pretrain.trainer import build_trainer, env_rank, total_steps, use_channels_last
 from radpretrain.utils import add_file_log, auto_cpu_threads, get_logger, package_versions, write_json
 
@@ -99,6 +99,7 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
 
     L.seed_everything(seed, workers=True, verbose=False)
     model = get_method(method)(cfg, store)  # user errors (weights, backbone) before anything is written
+    resize_on_device(cfg, model, "cpu")  # data.resize_on=device with a per-sample transform: said before writing
     file_log = None
     try:
         if rank == 0:  # other DDP ranks write nothing (and must not race rank 0's "already a run" check)
@@ -124,8 +125,12 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
         if use_channels_last(cfg, model, trainer.strategy.root_device.type):
             model.to(memory_format=torch.channels_last)  # same values; faster kernels (see prefers_channels_last)
             log.info("channels_last memory format on (trainer.channels_last=%s)", get(cfg, "trainer.channels_last"))
+        device_type = trainer.strategy.root_device.type
+        defer = resize_on_device(cfg, model, device_type)
+        log.info("images resized to %d px %s (data.resize_on=%s)", int(d["image_size"]),
+                 "on the device, in batches" if defer else "in the loader workers", get(cfg, "data.resize_on", "auto"))
         dm = StoreData(store, cfg, model, train_rows, val_rows if use_val else np.array([], dtype=np.int64),
-                       resuming=ckpt_path is not None)
+                       resuming=ckpt_path is not None, defer_resize=defer)
         t0 = time.time()
         with warnings.catch_warnings():
             # our batch sampler skips the batches a resumed epoch already trained on (see
