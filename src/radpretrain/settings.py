@@ -84,6 +84,10 @@ class TrainerSection:
     sync_batchnorm: bool = False
     channels_last: bool | Literal["auto"] = "auto"  # NHWC: auto = depthwise CNNs on CPU, CNNs on GPUs
     deterministic: bool | Literal["warn"] = False
+    # torch.compile of the method's compute modules (PretrainMethod.compile_modules; the encoder by default):
+    # off (YAML false), default (YAML true), max-autotune; falls back to eager with a one-line warning
+    compile: bool | Literal["off", "default", "max-autotune"] = field(
+        default="off", metadata={"help": "off, default or max-autotune (torch.compile of the encoder)"})
     cpu_threads: int | Literal["auto"] | None = field(
         default=None, metadata={"ge": 1, "help": "a positive integer, auto (one per idle core) or null (torch's default)"})
 

@@ -29,7 +29,7 @@ from radpretrain.pretrain.checkpoints import (
     inspect_checkpoint, read_checkpoint)
 from radpretrain.pretrain.config import resolve_config, resume_config
 from radpretrain.pretrain.data import StoreData, input_stats, resize_on_device, select_images
-from radpretrain.pretrain.trainer import build_trainer, env_rank, total_steps, use_channels_last
+from radpretrain.pretrain.trainer import build_trainer, compile_model, env_rank, total_steps, use_channels_last
 from radpretrain.utils import add_file_log, auto_cpu_threads, get_logger, package_versions, write_json
 
 log = get_logger("pretrain")
@@ -125,6 +125,7 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
         if use_channels_last(cfg, model, trainer.strategy.root_device.type):
             model.to(memory_format=torch.channels_last)  # same values; faster kernels (see prefers_channels_last)
             log.info("channels_last memory format on (trainer.channels_last=%s)", get(cfg, "trainer.channels_last"))
+        compile_model(cfg, model, trainer.strategy.root_device.type)
         device_type = trainer.strategy.root_device.type
         defer = resize_on_device(cfg, model, device_type)
         log.info("images resized to %d px %s (data.resize_on=%s)", int(d["image_size"]),

@@ -1,4 +1,4 @@
-"""The engine's Lightning ``Trainer``: callbacks, loggers, precision, devices and nodes, channels_last.
+"""The engine's Lightning ``Trainer``: callbacks, loggers, precision, devices and nodes, channels_last, compile.
 
 :func:`build_trainer` turns the ``trainer:`` section into a ``lightning.Trainer`` with the run
 folder's loggers (CSV, TensorBoard), the periodic / last / best checkpoints written through
@@ -8,8 +8,10 @@ folder's loggers (CSV, TensorBoard), the periodic / last / best checkpoints writ
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -96,6 +98,81 @@ def use_channels_last(cfg: dict, model, device_type: str) -> bool:
     if isinstance(v, bool):
         return v
     return model.encoder is not None and prefers_channels_last(model.encoder, device_type)
+
+
+# -- trainer.compile -----------------------------------------------------------------------------
+def compile_mode(cfg: dict) -> str:
+    """``trainer.compile`` as ``off`` / ``default`` / ``max-autotune`` (YAML reads ``off`` as false, ``on`` as true)."""
+    v = get(cfg, "trainer.compile", "off")
+    if v is False or v is None:
+        return "off"
+    if v is True:
+        return "default"
+    return str(v)
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why ``torch.compile``'s inductor backend cannot work here, or None (checked before compiling)."""
+    cc = [c for c in (os.environ.get("CXX"), os.environ.get("CC"), "c++", "g++", "gcc", "clang", "cc") if c]
+    if not any(shutil.which(c) for c in cc):
+        return "no C/C++ compiler found (inductor builds its kernels with one; install gcc or set CXX)"
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:  # optional: inductor's GPU kernels
+            return "triton is not installed (inductor's GPU kernels need it)"
+    return None
+
+
+class CompiledForward:
+    """A module's ``forward`` run through ``torch.compile``, falling back to eager for good at the first failure.
+
+    Compilation happens at the first call (and again for new input shapes); an unsupported op, a
+    failing compiler or a backend error then logs one warning line and the module runs eagerly from
+    then on.  Out-of-memory and interrupts are not swallowed.  Installed as the module's instance
+    attribute ``forward``: parameters, buffers and state-dict keys stay those of the plain module.
+    """
+
+    def __init__(self, module: torch.nn.Module, mode: str, name: str):
+        self.eager = module.forward
+        self.compiled = torch.compile(module.forward, mode=None if mode == "default" else mode)
+        self.name, self.mode = name, mode
+        self.failed: str | None = None
+        self.calls = 0  # calls that ran compiled
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                out = self.compiled(*args, **kwargs)
+                self.calls += 1
+                return out
+            except (torch.OutOfMemoryError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # a compile-time failure: before anything of this call ran
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                self.failed = f"{type(e).__name__}: {first}"
+                log.warning("trainer.compile=%s: %s not compiled (%s); it runs eagerly", self.mode, self.name,
+                            self.failed)
+        return self.eager(*args, **kwargs)
+
+
+def compile_model(cfg: dict, model, device_type: str) -> list[CompiledForward]:
+    """Apply ``trainer.compile`` to ``model.compile_modules()``; returns the installed wrappers (none when off
+    or unavailable, which is logged on one line)."""
+    mode = compile_mode(cfg)
+    if mode == "off":
+        return []
+    why = compile_unavailable(device_type)
+    if why is not None:
+        log.warning("trainer.compile=%s: not compiled, %s; training runs eagerly", mode, why)
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    wrappers = []
+    for m in model.compile_modules():
+        w = CompiledForward(m, mode, names.get(id(m), type(m).__name__) or type(m).__name__)
+        m.forward = w
+        wrappers.append(w)
+    log.info("trainer.compile=%s: torch.compile of %s (compiled at the first steps)", mode,
+             ", ".join(w.name for w in wrappers))
+    return wrappers
 
 
 def total_steps(cfg: dict, n_train: int, world: int) -> int:
