@@ -24,6 +24,13 @@ Hooks a method may override (all optional except ``training_step``):
   ``self.encoder``; DINO: its teacher backbone).
 - ``compile_modules()``: what ``trainer.compile`` compiles (default ``[self.encoder]``).
 
+Batches on a GPU: the engine's data module owns ``transfer_batch_to_device``; with
+``data.resize_on`` (auto: on a GPU, unless the method has a ``sample_transform``) the workers send
+the stored pixels and the batch is letterboxed there, on the device.  Device-side work of a
+method (batched augmentation, corruptions) belongs in ``on_after_batch_transfer`` or
+``compute_loss``, which see the finished ``image`` / ``valid``; a ``sample_transform`` keeps the
+resize in the workers.
+
 Optional helpers added for the engine (the hooks above are unchanged):
 
 - ``compute_loss(batch, batch_idx)``: return the loss (a tensor, or a dict with

@@ -320,10 +320,10 @@ class StoreData(L.LightningDataModule):
             kw["prefetch_factor"] = 4
         return kw
 
-    def train_dataloader(self):
+    def train_loader(self, rank: int = 0, world: int = 1, epoch: int = 0):
+        """The training ``DataLoader`` of DDP rank ``rank`` of ``world`` for ``epoch`` (also used by
+        benchmarks/gpu.py to time the loader alone): dataset, batch sampler, collate and workers."""
         d = self.cfg["data"]
-        trainer = self.trainer
-        rank, world = trainer.global_rank, trainer.world_size
         seed = int(self.cfg.get("seed", 0) or 0)
         ds = self._dataset(self.train_rows, d["resize"])
         if d["resize"] == "bucket":
@@ -339,8 +339,14 @@ class StoreData(L.LightningDataModule):
         if len(bs) == 0:
             raise UserError(f"{self.store.root}: {len(ds)} training images give no full batch of "
                             f"{d['batch_size']} per process; lower data.batch_size")
-        epoch = trainer.current_epoch
         bs.set_epoch(epoch)
+        return torch.utils.data.DataLoader(ds, batch_sampler=bs, collate_fn=ds.collate, **self._loader_kw())
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        epoch = trainer.current_epoch
+        loader = self.train_loader(trainer.global_rank, trainer.world_size, epoch)
+        bs = loader.batch_sampler
         if self.resuming and not self._skipped:
             # called after the checkpoint was restored (the engine gives the optimizer its step
             # count, so Lightning does not load data early): skip what the killed run trained on
@@ -349,7 +355,7 @@ class StoreData(L.LightningDataModule):
                 bs.skip_batches(epoch, done)
                 log.info("resuming epoch %d after batch %d of %d", epoch, done, len(bs))
             self._skipped = True
-        return torch.utils.data.DataLoader(ds, batch_sampler=bs, collate_fn=ds.collate, **self._loader_kw())
+        return loader
 
     def val_dataloader(self):
         d = self.cfg["data"]
