@@ -214,23 +214,32 @@ def compute_only(m, cfg: dict, store, rows, device: torch.device, args) -> dict:
 def loader_only(m, cfg: dict, store, rows, device: torch.device, args) -> dict:
     defer = resize_on_device(cfg, m, device.type)
     dm = StoreData(store, cfg, m, rows, np.array([], dtype=np.int64), resuming=False, defer_resize=defer)
-    dl = dm.train_loader()
-    n, t0, k = 0, None, 0
-    for batch in dl:
-        batch = dm.transfer_batch_to_device(batch, device, 0)
-        if t0 is None:  # worker start-up not counted
-            sync(device)
-            t0 = time.perf_counter()
-            continue
-        n += int(batch["image"].shape[0])
-        k += 1
-        if k >= args.loader_batches:
-            break
-    sync(device)
-    rate = n / max(time.perf_counter() - t0, 1e-9) if t0 is not None else 0.0
+
+    def rate(finish: bool) -> float:
+        dl = dm.train_loader()
+        n, t0, k = 0, None, 0
+        for batch in dl:
+            if finish:
+                batch = dm.transfer_batch_to_device(batch, device, 0)
+            if t0 is None:  # worker start-up not counted
+                sync(device)
+                t0 = time.perf_counter()
+                continue
+            n += int(batch["index"].shape[0])
+            k += 1
+            if k >= args.loader_batches:
+                break
+        sync(device)
+        return n / max(time.perf_counter() - t0, 1e-9) if t0 is not None else 0.0
+
     workers = int(cfg["data"]["num_workers"] or 0)
-    out = {"loader_img_s": round(rate, 1), "workers": workers, "resize_on": "device" if defer else "loader",
-           "loader_img_s_per_worker": round(rate / max(workers, 1), 1)}
+    full = rate(True)
+    out = {"loader_img_s": round(full, 1), "workers": workers, "resize_on": "device" if defer else "loader",
+           "loader_img_s_per_worker": round(full / max(workers, 1), 1)}
+    if args.loader_only:  # the workers alone (no transfer, no device letterbox): what more cores multiply
+        w = rate(False)
+        out.update({"workers_img_s": round(w, 1), "workers_img_s_per_worker": round(w / max(workers, 1), 1)})
+    dl = dm.train_loader()
     if defer:  # the device letterbox alone, on one batch already on the device
         ds = dl.dataset
         items = ds.collate([ds[i] for i in range(int(cfg["data"]["batch_size"]))])

@@ -230,12 +230,21 @@ def letterbox_batch(pixels: torch.Tensor, geometry: torch.Tensor) -> tuple[torch
 
 
 def collate_deferred(samples: list[dict]) -> dict:
-    """Collate items of a deferred-resize dataset: ``pixels`` zero-padded to the batch's largest
+    """Collate items of a deferred-resize dataset: ``pixels`` padded to the batch's largest
     [B, 1, Hm, Wm] (store dtype), ``geometry`` stacked [B, 10], everything else as torch's default."""
     hm = max(int(s["pixels"].shape[-2]) for s in samples)
     wm = max(int(s["pixels"].shape[-1]) for s in samples)
     first = samples[0]["pixels"]
-    out = torch.zeros((len(samples), 1, hm, wm), dtype=first.dtype)
+    shape = (len(samples), 1, hm, wm)
+    # in a loader worker the batch goes to shared memory straight away (as torch's default_collate
+    # does), saving a copy; integer padding is never read (its resampling weights are 0), so it is
+    # left uninitialised; float padding is zeroed (0 x NaN would be NaN)
+    in_worker = torch.utils.data.get_worker_info() is not None
+    out = torch.empty(shape, dtype=first.dtype)
+    if in_worker:
+        out.share_memory_()
+    if first.is_floating_point():
+        out.zero_()
     for k, s in enumerate(samples):
         p = s["pixels"]
         out[k, 0, : p.shape[-2], : p.shape[-1]] = p.reshape(p.shape[-2], p.shape[-1])
