@@ -331,3 +331,84 @@ def test_cpu_threads_auto_sets_one_thread_per_idle_core(ds, tmp_path):
         assert f"cpu_threads: {torch.get_num_threads()}\n" in (run / "config.yaml").read_text()  # what ran
     finally:
         torch.set_num_threads(before)
+
+
+def test_resize_on_the_device_trains_like_the_loader_path(ds, tmp_path, rel_err):
+    """data.resize_on=device (the GPU path, run here on CPU tensors): workers send stored pixels, the
+    engine letterboxes each batch after the transfer; the loss curve is the loader path's to within the
+    1/255 pixel tolerance of the two kernels (tests/data/test_geometry.py)."""
+    common = TINY_MAE + ["trainer.max_steps=4", "data.val_fraction=0.25", "export.weights=last"]
+    runs = {}
+    for where in ("loader", "device"):
+        runs[where] = tmp_path / where
+        pretrain("mae", ds, runs[where], overrides=common + [f"data.resize_on={where}"])
+    log = (runs["device"] / "logs" / "pretrain.log").read_text()
+    assert "images resized to 32 px on the device, in batches (data.resize_on=device)" in log
+    assert "in the loader workers (data.resize_on=loader)" in (runs["loader"] / "logs" / "pretrain.log").read_text()
+    a, b = losses(runs["loader"]), losses(runs["device"])
+    assert len(a) == len(b) == 4 and rel_err(b.to_numpy(), a.to_numpy()) < 2e-3, (a, b)
+    val = [pd.read_csv(r / "logs" / "csv" / "metrics.csv")["val/loss"].dropna().to_numpy() for r in runs.values()]
+    assert len(val[0]) and rel_err(val[1], val[0]) < 2e-3
+    # a method that transforms samples in the workers needs resized images there
+    with pytest.raises(UserError, match="data.resize_on=device: method 'genesis'"):
+        pretrain("genesis", ds, tmp_path / "g", overrides=FAST + ["model.kwargs={}", "model.pretrained=none",
+                                                             "data.resize_on=device", "trainer.max_steps=1"])
+    assert not (tmp_path / "g").exists()
+
+
+COMPILE_RUN = FAST + ["data.image_size=32", "model.backbone=vit_tiny", "model.patch_size=8", "model.pretrained=none",
+                      "model.kwargs={depth: 1}", "augment.enabled=false", "metadata.dropout=0.0", "trainer.max_steps=3",
+                      "data.val_fraction=0.0", "export.weights=last", "trainer.checkpoint_every_n_steps=0",
+                      "optim.name=sgd", "optim.lr=0.01", "optim.weight_decay=0.0"]  # SGD: Adam amplifies float noise
+
+
+def test_compiled_run_gives_the_eager_loss_curve(ds, tmp_path, rel_err):
+    """trainer.compile=default on CPU (inductor, gcc): the same losses and weights as eager, to a relative
+    tolerance that holds for any x86 CPU (fused kernels reorder float sums).  The smallest encoder (a
+    one-block ViT) and 3 steps: about 60-70 s on the 2-core machine with a cold inductor cache (3-5 s warm)."""
+    import torch._dynamo
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    pretrain("metadata", ds, eager, overrides=COMPILE_RUN)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pretrain("metadata", ds, compiled, overrides=COMPILE_RUN + ["trainer.compile=default"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was really compiled
+    log = (compiled / "logs" / "pretrain.log").read_text()
+    assert "trainer.compile=default: torch.compile of encoder" in log and "runs eagerly" not in log
+    la, lb = losses(eager), losses(compiled)
+    assert len(la) == len(lb) == 3 and rel_err(lb.to_numpy(), la.to_numpy()) < 1e-4, (la, lb)
+    wa, wb = load_file(eager / "encoder.safetensors"), load_file(compiled / "encoder.safetensors")
+    assert set(wa) == set(wb)  # plain timm keys, no _orig_mod. prefix
+    diffs = {k: rel_err(wb[k], wa[k]) for k in wa if float(wa[k].norm()) > 0}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    assert "compile: default" in (compiled / "config.yaml").read_text()
+
+
+def test_compile_falls_back_to_eager_with_one_line(ds, tmp_path, monkeypatch, caplog):
+    from radpretrain.pretrain import trainer as engine_trainer
+
+    # no C compiler: not compiled, said once, and the run is the eager run
+    monkeypatch.setattr(engine_trainer.shutil, "which", lambda name: None)
+    res = pretrain("metadata", ds, tmp_path / "nocc", overrides=COMPILE_RUN + ["trainer.compile=max-autotune"])
+    assert res["global_step"] == 3
+    log = (tmp_path / "nocc" / "logs" / "pretrain.log").read_text()
+    assert "trainer.compile=max-autotune: not compiled, no C/C++ compiler found" in log
+    monkeypatch.undo()
+    # a compile that fails at the first call (an unsupported op, a broken backend): eager from then on
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    m = Boom()
+    w = engine_trainer.CompiledForward(m, "default", "boom")
+    w.compiled = lambda x: (_ for _ in ()).throw(RuntimeError("backend failed\nlong trace"))
+    m.forward = w
+    x = torch.ones(2)
+    assert torch.equal(m(x), x * 2) and torch.equal(m(x), x * 2)
+    assert w.failed == "RuntimeError: backend failed" and w.calls == 0
+    assert sum("boom not compiled (RuntimeError: backend failed); it runs eagerly" in r.message
+               for r in caplog.records) == 1
+    with pytest.raises(UserError, match="trainer.compile"):
+        resolve_config("metadata", None, ["trainer.compile=fast"])

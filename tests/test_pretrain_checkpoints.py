@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-import radpretrain.pretrain as engine
+import radpretrain.pretrain.checkpoints as engine
 from radpretrain.cli import main
 from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError

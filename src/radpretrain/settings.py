@@ -26,6 +26,9 @@ class DataSection:
     batch_size: int = field(default=32, metadata={"ge": 1, "help": "a positive integer, per process (global batch = batch_size x devices x nodes)"})
     num_workers: int = field(default=0, metadata={"ge": 0})
     resize: Literal["letterbox", "bucket"] = "letterbox"
+    # where images are resized to data.image_size: auto = on the GPU when training on one (loader workers
+    # send the stored uint8 pixels), in the loader workers otherwise (the CPU path)
+    resize_on: Literal["auto", "loader", "device"] = "auto"
     balance: Literal["none", "modality", "body_part", "modality_body_part"] = "none"
     max_per_patient: int | None = field(default=None, metadata={"ge": 1})
     respect_keep: bool = True  # drop images with keep == False in splits.parquet (per-patient caps)
@@ -81,6 +84,10 @@ class TrainerSection:
     sync_batchnorm: bool = False
     channels_last: bool | Literal["auto"] = "auto"  # NHWC: auto = depthwise CNNs on CPU, CNNs on GPUs
     deterministic: bool | Literal["warn"] = False
+    # torch.compile of the method's compute modules (PretrainMethod.compile_modules; the encoder by default):
+    # off (YAML false), default (YAML true), max-autotune; falls back to eager with a one-line warning
+    compile: bool | Literal["off", "default", "max-autotune"] = field(
+        default="off", metadata={"help": "off, default or max-autotune (torch.compile of the encoder)"})
     cpu_threads: int | Literal["auto"] | None = field(
         default=None, metadata={"ge": 1, "help": "a positive integer, auto (one per idle core) or null (torch's default)"})
 

@@ -12,10 +12,6 @@ import radpretrain
 
 PACKAGE = Path(radpretrain.__file__).parent
 LAYERS = ("data", "synthetic")
-# data/dataset.py and data/buckets.py are being split (their resize helpers go to data/geometry.py,
-# issue 16), which ends the buckets <-> dataset cycle and info's import of the torch Dataset module
-PENDING = {"radpretrain.data.dataset", "radpretrain.data.buckets"}
-PENDING_IMPORTS = {("radpretrain.data.info", "radpretrain.data.dataset")}
 # what a function may import: dependencies heavy to import, or optional
 HEAVY_OR_OPTIONAL = ("pydicom", "nibabel", "scipy", "matplotlib", "dicomweb_client")
 MUTATORS = {"append", "extend", "insert", "pop", "popitem", "clear", "update", "setdefault", "add", "discard",
@@ -51,8 +47,8 @@ def test_no_import_cycle_in_the_data_layer():
     mods = _modules()
     packages = {f"radpretrain.{layer}" for layer in LAYERS}
     graph = {m: sorted({t for _, names, _, _ in _imports(tree) for t in names
-                        if t in mods and t != m and t not in PENDING and t not in packages})
-             for m, (_, tree) in mods.items() if m not in PENDING}
+                        if t in mods and t != m and t not in packages})
+             for m, (_, tree) in mods.items()}
     state, stack = {}, []
 
     def dfs(m):
@@ -75,12 +71,10 @@ def test_no_import_cycle_in_the_data_layer():
 def test_function_level_imports_are_heavy_or_optional_and_say_so():
     bad = []
     for name, (path, tree) in _modules().items():
-        if name in PENDING:
-            continue
         lines = path.read_text().splitlines()
         for module, names, node, in_function in _imports(tree):
             where = f"{path.name}:{node.lineno} imports {module} in a function"
-            if not in_function or any((name, t) in PENDING_IMPORTS for t in names):
+            if not in_function:
                 continue
             if not module.startswith(HEAVY_OR_OPTIONAL):
                 bad.append(f"{where} (neither heavy nor optional: import it at the top)")

@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from radpretrain.data.geometry import fit_size
+
 
 def _round_to(x: float, multiple: int) -> int:
     return max(multiple, int(math.floor(x / multiple + 0.5)) * multiple)  # half rounds up
@@ -60,8 +62,6 @@ def assign_buckets(aspect_ratios, shapes: Sequence[tuple[int, int]]) -> np.ndarr
 
 def padding_fraction(sizes, shapes_per_image) -> float:
     """Mean fraction of padded pixels when letterboxing images of ``sizes`` [N, 2] into ``shapes_per_image`` [N, 2]."""
-    from radpretrain.data.dataset import fit_size
-
     fr = []
     for (h, w), (th, tw) in zip(np.asarray(sizes), np.asarray(shapes_per_image)):
         nh, nw, _, _ = fit_size(int(h), int(w), (int(th), int(tw)))

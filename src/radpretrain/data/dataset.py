@@ -21,6 +21,13 @@ Resizing uses Pillow's antialiased bilinear filter (``reducing_gap=2``) on the s
 pixels (float conversion happens after resizing), which is several times faster
 than a training step consumes on two CPU cores.  The dataset pickles without
 its memory maps, so it works with ``DataLoader(num_workers>0)``.
+
+With ``defer_resize=True`` the items carry the stored pixels instead of ``image`` / ``valid``:
+``pixels`` (store dtype [1, h, w], box-reduced only when at least 4x the target) and ``geometry``
+(see :mod:`radpretrain.data.geometry`); build the loader with ``collate_fn=dataset.collate`` and
+call :func:`radpretrain.data.geometry.finish_batch` on the batch once it is on the training
+device, which letterboxes the whole batch there (the engine does both with ``data.resize_on``).
+The geometry, and the result to within 1/255, are those of the loader path.
 """
 
 from __future__ import annotations
@@ -29,106 +36,18 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
-from PIL import Image
 
+from radpretrain.data.buckets import assign_buckets, bucket_shapes
+from radpretrain.data.geometry import (
+    collate_deferred, fit_size, letterbox, letterbox_array, prepare_for_device, resize_array, stretch, to_float01)
 from radpretrain.data.store import REPAIR_HINT, SHARD_DIR, Store
 from radpretrain.errors import UserError
 
 RESIZE_MODES = ("letterbox", "stretch", "bucket")
-
-
-def _as_hw(size) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        h, w = int(size[0]), int(size[1])
-    else:
-        h = w = int(size)
-    if h < 1 or w < 1:
-        raise ValueError(f"target size must be positive, got {size!r}")
-    return h, w
-
-
-def _to_pil(img: np.ndarray) -> tuple[Image.Image, bool]:
-    """A Pillow image of ``img`` and whether it is 8-bit (else 32-bit float in [0, 1])."""
-    if img.dtype == np.uint8:
-        return Image.fromarray(np.ascontiguousarray(img), mode="L"), True
-    if np.issubdtype(img.dtype, np.integer):
-        f = img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-    else:
-        f = img.astype(np.float32, copy=False)
-    return Image.fromarray(np.ascontiguousarray(f), mode="F"), False
-
-
-def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Antialiased bilinear resize to (h, w); returns uint8 for uint8 input, else float32 in [0, 1]."""
-    if img.shape == (h, w):
-        return np.array(img) if img.dtype == np.uint8 else _float01(img)
-    pil, is8 = _to_pil(img)
-    # reducing_gap: a box reduce() first for big reductions (~2x faster, as Image.thumbnail does)
-    out = np.array(pil.resize((w, h), Image.BILINEAR, reducing_gap=2.0))  # writable copy for torch
-    return out if is8 else np.clip(out, 0.0, 1.0)
-
-
-def _float01(img: np.ndarray) -> np.ndarray:
-    if img.dtype == np.uint8:
-        return img.astype(np.float32) * np.float32(1 / 255)
-    if np.issubdtype(img.dtype, np.integer):
-        return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-    return np.clip(img.astype(np.float32, copy=False), 0.0, 1.0)
-
-
-def _squeeze2d(img) -> np.ndarray:
-    if isinstance(img, torch.Tensor):
-        img = img.detach().cpu().numpy()
-    a = np.asarray(img)
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"expected a non-empty 2-D grey image, got shape {a.shape}")
-    return a
-
-
-def fit_size(h: int, w: int, target) -> tuple[int, int, int, int]:
-    """Letterbox geometry: ``(new_h, new_w, top, left)`` fitting (h, w) inside ``target`` keeping the aspect ratio."""
-    th, tw = _as_hw(target)
-    scale = min(th / h, tw / w)
-    nh = min(th, max(1, int(round(h * scale))))
-    nw = min(tw, max(1, int(round(w * scale))))
-    return nh, nw, (th - nh) // 2, (tw - nw) // 2
-
-
-def _letterbox_raw(img: np.ndarray, target) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`letterbox` but keeps ``uint8`` input as ``uint8`` (converted later, faster)."""
-    th, tw = _as_hw(target)
-    h, w = img.shape
-    nh, nw, top, left = fit_size(h, w, (th, tw))
-    small = _resize(img, nh, nw)
-    canvas = np.zeros((th, tw), dtype=small.dtype)
-    canvas[top : top + nh, left : left + nw] = small
-    valid = np.zeros((th, tw), dtype=bool)
-    valid[top : top + nh, left : left + nw] = True
-    return canvas, valid
-
-
-def letterbox(img, size) -> tuple[np.ndarray, np.ndarray]:
-    """Fit a grey image inside ``size`` (int S or (H, W)) keeping its aspect ratio.
-
-    The longest side (relative to the target) is scaled to fit, the image is
-    centred and the rest is padded with 0.  ``img`` is a 2-D array (``uint8``,
-    another integer dtype scaled by its maximum, or float in [0, 1]; a leading
-    axis of size 1 is allowed).  Returns ``(img01, valid)``: float32 [H, W] in
-    [0, 1] and a bool mask [H, W] that is False on the padding.
-    """
-    a = _squeeze2d(img)
-    canvas, valid = _letterbox_raw(a, size)
-    return _float01(canvas), valid
-
-
-def stretch(img, size) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to ``size`` ignoring the aspect ratio; returns ``(img01, valid)`` (valid all True)."""
-    a = _squeeze2d(img)
-    th, tw = _as_hw(size)
-    return _float01(_resize(a, th, tw)), np.ones((th, tw), dtype=bool)
+# fit_size, letterbox and stretch live in radpretrain.data.geometry; imported from here by older callers
+__all__ = ["RESIZE_MODES", "StoreDataset", "fit_size", "letterbox", "stretch"]
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -142,6 +61,7 @@ class StoreDataset(torch.utils.data.Dataset):
         resize: str = "letterbox",
         fields: Sequence[str] = (),
         transform: Callable[[dict], dict] | None = None,
+        defer_resize: bool = False,
     ):
         store = root_or_store if isinstance(root_or_store, Store) else Store(root_or_store)
         if resize not in RESIZE_MODES:
@@ -153,6 +73,9 @@ class StoreDataset(torch.utils.data.Dataset):
             raise UserError(f"image_size={image_size!r}: must be a positive number of pixels")
         self.resize = resize
         self.transform = transform
+        self.defer_resize = bool(defer_resize)
+        if self.defer_resize and transform is not None:
+            raise ValueError("defer_resize=True: a per-sample transform needs resized images; resize in the loader")
         images = store.images
         n = len(images)
         if indices is None:
@@ -219,8 +142,6 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def bucket_shape(self, pos: int) -> tuple[int, int]:
         """Default bucket (h, w) for ``pos`` at this ``image_size`` (used when no sampler gives one)."""
-        from radpretrain.data.buckets import assign_buckets, bucket_shapes
-
         if self._bucket_shapes is None:
             shapes = bucket_shapes(self.image_size)
             self._bucket_shapes = (shapes, assign_buckets(self.aspect_ratios(), shapes))
@@ -243,13 +164,18 @@ class StoreDataset(torch.utils.data.Dataset):
         if pos < 0:
             pos += len(self)
         raw = self.raw(pos)
-        if mode == "stretch":
-            arr, valid = _resize(raw, th, tw), np.ones((th, tw), dtype=bool)
+        if self.defer_resize:  # stored pixels (a copy out of the memory map) + geometry; resized on the device
+            px, geom = prepare_for_device(raw, (th, tw), keep_aspect=mode != "stretch")
+            sample = {"pixels": torch.from_numpy(np.array(px))[None], "geometry": torch.from_numpy(geom),
+                      "index": int(self.indices[pos])}
         else:
-            arr, valid = _letterbox_raw(raw, (th, tw))
-        # float conversion in numpy: torch's multi-threaded kernels stall on a busy machine
-        img = torch.from_numpy(_float01(arr))
-        sample = {"image": img[None], "valid": torch.from_numpy(valid)[None], "index": int(self.indices[pos])}
+            if mode == "stretch":
+                arr, valid = resize_array(raw, th, tw), np.ones((th, tw), dtype=bool)
+            else:
+                arr, valid = letterbox_array(raw, (th, tw))
+            # float conversion in numpy: torch's multi-threaded kernels stall on a busy machine
+            img = torch.from_numpy(to_float01(arr))
+            sample = {"image": img[None], "valid": torch.from_numpy(valid)[None], "index": int(self.indices[pos])}
         for name, (kind, values) in self._fields.items():
             v = values[pos]
             if kind == "int":
@@ -263,10 +189,16 @@ class StoreDataset(torch.utils.data.Dataset):
         return sample
 
 
+    def collate(self, samples: list[dict]) -> dict:
+        """The ``collate_fn`` for this dataset's items (:func:`~radpretrain.data.geometry.collate_deferred`
+        with ``defer_resize``, else torch's default)."""
+        if self.defer_resize:
+            return collate_deferred(samples)
+        return torch.utils.data.default_collate(samples)
+
+
 def _field_values(col) -> tuple[str, np.ndarray]:
     """Classify a manifest column as int / float / str and return its values as an array."""
-    import pandas as pd
-
     if pd.api.types.is_bool_dtype(col) or pd.api.types.is_integer_dtype(col):
         if col.isna().any():  # nullable integers with gaps -> float with NaN
             return "float", col.astype("float64").to_numpy()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from radpretrain.data.geometry import letterbox
 from radpretrain.data.store import SPLITS, Store
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json
@@ -168,8 +169,6 @@ def sample_grid(root: str | Path, path: str | Path | None = None, per_group: int
     """Draw ``per_group`` random images for each of up to ``max_groups`` body parts; returns the PNG path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (matplotlib): only for sample grids
     from matplotlib.figure import Figure
-
-    from radpretrain.data.dataset import letterbox
 
     store = Store(root)
     img = store.images

@@ -22,6 +22,14 @@ Hooks a method may override (all optional except ``training_step``):
 - ``encoder_meta()``: what ``encoder.json`` records besides the engine's fields.
 - ``export_encoder_module()``: the module written to ``encoder.safetensors`` (default
   ``self.encoder``; DINO: its teacher backbone).
+- ``compile_modules()``: what ``trainer.compile`` compiles (default ``[self.encoder]``).
+
+Batches on a GPU: the engine's data module owns ``transfer_batch_to_device``; with
+``data.resize_on`` (auto: on a GPU, unless the method has a ``sample_transform``) the workers send
+the stored pixels and the batch is letterboxed there, on the device.  Device-side work of a
+method (batched augmentation, corruptions) belongs in ``on_after_batch_transfer`` or
+``compute_loss``, which see the finished ``image`` / ``valid``; a ``sample_transform`` keeps the
+resize in the workers.
 
 Optional helpers added for the engine (the hooks above are unchanged):
 
@@ -144,6 +152,12 @@ class PretrainMethod(L.LightningModule):
         g = torch.Generator(device=device if device is not None else self.device)
         g.manual_seed(key % (2**63 - 1))
         return g
+
+    def compile_modules(self) -> list[nn.Module]:
+        """Modules whose ``forward`` ``trainer.compile`` compiles with ``torch.compile`` (weights and
+        state-dict keys unchanged): the encoder by default; a method whose step does not call the
+        encoder's ``forward`` (MAE) or that has more compute (a decoder, a teacher) names its own."""
+        return [self.encoder] if self.encoder is not None else []
 
     def sample_transform(self):
         return None

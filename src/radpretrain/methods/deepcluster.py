@@ -17,9 +17,14 @@ The sarcoma study (seeds 000/001) pretrained an ImageNet-initialised ResNet50 on
 55).  The same statistics are logged here every epoch (Lightning logs
 ``deepcluster/*`` and ``RUN/clusters.jsonl``).
 
+On a GPU (``deepcluster.cluster_on: auto``) the features stay on the device (extracted in bf16)
+and PCA-whitening and k-means run there too: faiss' GPU k-means when faiss was built with GPU
+support, else the torch k-means of :mod:`radpretrain.clustering` (the same initialisation and
+empty-cluster handling as the faiss path).  On a CPU it is numpy + faiss-cpu, as before.
+
 Differences from the paper's code: the input is already grey, so there is no Sobel
 filter; the features are the backbone's pooled features (``num_classes=0``) rather
-than the output of an extra MLP; PCA-whitening uses scikit-learn; the classifier is
+than the output of an extra MLP; PCA-whitening uses numpy (or torch on the device); the classifier is
 re-initialised in place (its optimiser state is cleared) instead of being a new
 module, so one optimiser covers the whole model.  Augmentation (random resized
 crop and horizontal flip) runs in torch on the batch, on the training device.
@@ -32,13 +37,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radpretrain import clustering
 from radpretrain.config import get
+from radpretrain.data.geometry import finish_batch
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
 from radpretrain.settings import probability
@@ -114,8 +122,18 @@ def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
     return labels, centroids, n_fixed
 
 
-def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0) -> dict:
-    """k-means with faiss (best of ``nredo`` seeded runs), then :func:`fix_empty_clusters`.
+def faiss_gpus() -> int:
+    """GPUs faiss can use (0 for faiss-cpu, which has no ``get_num_gpus`` or reports none)."""
+    import faiss
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:
+        return 0
+
+
+def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0, gpu: bool = False) -> dict:
+    """k-means with faiss (best of ``nredo`` seeded runs; ``gpu``: faiss' GPU index), then :func:`fix_empty_clusters`.
 
     Returns ``{"labels": int64 [N], "centroids": [K, D], "objective": float, "n_empty_fixed": int}``.
     """
@@ -128,7 +146,8 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int
     if n < k:
         raise UserError(f"deepcluster.num_clusters={k} is more than the {n} training images; lower it")
     km = faiss.Kmeans(d, int(k), niter=int(niter), nredo=int(nredo), seed=int(seed), verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=10_000_000, spherical=False)
+                      min_points_per_centroid=1, max_points_per_centroid=10_000_000, spherical=False,
+                      **({"gpu": True} if gpu else {}))
     km.train(x)
     _, idx = km.index.search(x, 1)
     labels = idx[:, 0].astype(np.int64)
@@ -231,6 +250,9 @@ class DeepClusterSection:
     kmeans_iters: int = field(default=20, metadata={"ge": 1})
     kmeans_redo: int = field(default=1, metadata={"ge": 1})
     extract_batch_size: int = field(default=0, metadata={"ge": 0, "help": "a batch size, or 0 (data.batch_size)"})
+    # where PCA + k-means run: auto = on the training GPU when there is one (faiss GPU if installed, else
+    # torch k-means), cpu = numpy + faiss-cpu, device = torch / faiss GPU on the training device (also on a CPU)
+    cluster_on: Literal["auto", "cpu", "device"] = "auto"
     crop_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"gt": 0.0, "le": 1.0})
     hflip: float = field(default=0.5, metadata=probability())
 
@@ -262,6 +284,7 @@ class DeepCluster(PretrainMethod):
         self.crop_scale = tuple(float(s) for s in get(cfg, "deepcluster.crop_scale", [0.4, 1.0]))
         self.hflip = float(get(cfg, "deepcluster.hflip", 0.5))
         self.extract_batch_size = int(get(cfg, "deepcluster.extract_batch_size", 0) or get(cfg, "data.batch_size", 64))
+        self.cluster_on = str(get(cfg, "deepcluster.cluster_on", "auto") or "auto")
         self.seed = int(get(cfg, "seed", 0) or 0)
         self.head = nn.Linear(self.encoder.num_features, self.num_clusters)
         self._reset_head()
@@ -292,37 +315,72 @@ class DeepCluster(PretrainMethod):
                                "sampler=method.train_sampler(dataset)")
         return self.dataset
 
+    def cluster_on_device(self) -> bool:
+        """``deepcluster.cluster_on``: PCA + k-means on the training device (auto: when it is a GPU)."""
+        if self.cluster_on == "auto":
+            return self.device.type == "cuda"
+        return self.cluster_on == "device"
+
     @torch.no_grad()
-    def extract_features(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled features of every dataset position (eval mode, no augmentation): ``(features, rows)``."""
+    def extract_features(self, dataset, as_tensor: bool = False) -> tuple[np.ndarray | torch.Tensor, np.ndarray]:
+        """Pooled features of every dataset position (eval mode, no augmentation): ``(features, rows)``.
+
+        bf16 autocast on a GPU.  ``as_tensor``: the features stay on the device (float32 [N, D]) for
+        :mod:`radpretrain.clustering`; else a numpy array.  A dataset that defers its resize
+        (``data.resize_on``) is letterboxed on the device, batch by batch.
+        """
         nw = int(get(self.cfg, "data.num_workers", 0) or 0)
         if len(dataset) <= 4 * self.extract_batch_size:
             nw = 0  # a few batches: starting worker processes would cost more than reading
         dl = torch.utils.data.DataLoader(dataset, batch_size=self.extract_batch_size, shuffle=False,
-                                         num_workers=nw, pin_memory=self.device.type == "cuda")
+                                         num_workers=nw, pin_memory=self.device.type == "cuda",
+                                         collate_fn=getattr(dataset, "collate", None))
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         was_training = self.training
         self.eval()
         feats, rows = [], []
         try:
             for batch in dl:
-                x = batch["image"].to(self.device, non_blocking=True)
+                rows.append(np.asarray(batch["index"]).reshape(-1))
+                if "pixels" in batch:  # stored pixels: letterboxed here, on the device
+                    x = finish_batch({k: batch[k].to(self.device, non_blocking=True) for k in ("pixels", "geometry")})["image"]
+                else:
+                    x = batch["image"].to(self.device, non_blocking=True)
                 with torch.autocast(self.device.type, enabled=bf16, dtype=torch.bfloat16):
                     f = self.encoder(self.normalize(x))
-                feats.append(f.float().cpu().numpy())
-                rows.append(np.asarray(batch["index"]).reshape(-1))
+                feats.append(f.float() if as_tensor else f.float().cpu().numpy())
         finally:
             self.train(was_training)
-        return np.concatenate(feats).astype(np.float32), np.concatenate(rows).astype(np.int64)
+        rows_np = np.concatenate(rows).astype(np.int64)
+        if as_tensor:
+            return torch.cat(feats), rows_np
+        return np.concatenate(feats).astype(np.float32), rows_np
 
-    def cluster(self, features: np.ndarray, epoch: int) -> dict:
-        """PCA-whiten + L2, k-means, empty-cluster fix; returns the assignment and its statistics."""
+    def cluster(self, features: np.ndarray | torch.Tensor, epoch: int) -> dict:
+        """PCA-whiten + L2, k-means, empty-cluster fix; returns the assignment and its statistics.
+
+        numpy features: numpy PCA + faiss (CPU).  A tensor: PCA on its device, then faiss' GPU
+        k-means when the tensor is on a GPU and faiss has GPUs, else the torch k-means.
+        """
         t0 = time.time()
-        x = pca_whiten_l2(features, self.pca_dim)
-        km = run_kmeans(x, self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=self.seed * 1009 + epoch)
+        seed = self.seed * 1009 + epoch
+        if isinstance(features, torch.Tensor):
+            x = clustering.pca_whiten_l2(features, self.pca_dim)
+            if x.is_cuda and faiss_gpus() > 0:
+                km = run_kmeans(x.cpu().numpy(), self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=seed,
+                                gpu=True)
+                backend = "faiss-gpu"
+            else:
+                km = clustering.kmeans(x, self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=seed)
+                km["labels"] = km["labels"].cpu().numpy()
+                backend = f"torch-{x.device.type}"
+        else:
+            x = pca_whiten_l2(features, self.pca_dim)
+            km = run_kmeans(x, self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=seed)
+            backend = "faiss-cpu"
         stats = cluster_size_stats(km["labels"], self.num_clusters)
         return {"labels": km["labels"], "objective": km["objective"], "n_empty_fixed": km["n_empty_fixed"],
-                "sizes": stats, "pca_dim": int(x.shape[1]), "seconds": time.time() - t0}
+                "sizes": stats, "pca_dim": int(x.shape[1]), "seconds": time.time() - t0, "backend": backend}
 
     def _current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self._trainer is not None else 0
@@ -339,7 +397,7 @@ class DeepCluster(PretrainMethod):
             return self.labels
         t0 = time.time()
         dataset = self._training_dataset()
-        feats, rows = self.extract_features(dataset)
+        feats, rows = self.extract_features(dataset, as_tensor=self.cluster_on_device())
         if self._trainer is not None and self.trainer.world_size > 1:
             # one k-means for all ranks: rank 0 decides, the others receive its labels
             res = self.cluster(feats, epoch) if self.global_rank == 0 else None
@@ -361,9 +419,11 @@ class DeepCluster(PretrainMethod):
         self._pending_log = record
         self._write_record(record)
         s = record["sizes"]
-        log.info("epoch %d: %d clusters of %d images, sizes %d..%d (median %.0f), NMI vs previous %s, %.1f s",
+        log.info("epoch %d: %d clusters of %d images, sizes %d..%d (median %.0f), NMI vs previous %s, %.1f s "
+                 "(PCA + k-means %.1f s, %s)",
                  epoch, self.num_clusters, len(labels), s["min"], s["max"], s["median"],
-                 "n/a" if record["nmi_prev"] is None else f"{record['nmi_prev']:.3f}", record["seconds"])
+                 "n/a" if record["nmi_prev"] is None else f"{record['nmi_prev']:.3f}", record["seconds"],
+                 res["seconds"], res.get("backend", "?"))
         return labels
 
     def _run_dir(self) -> Path | None:
@@ -481,7 +541,9 @@ class DeepCluster(PretrainMethod):
             if len(members) == 0:
                 continue
             pick = rng.choice(members, size=min(8, len(members)), replace=False)
-            imgs = torch.stack([self.dataset[int(p)]["image"] for p in pick])
+            items = [self.dataset[int(p)] for p in pick]
+            collate = getattr(self.dataset, "collate", torch.utils.data.default_collate)
+            imgs = finish_batch(collate(items))["image"]
             if imgs.shape[-1] > 64:
                 imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
             rows.append(imgs)

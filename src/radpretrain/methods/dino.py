@@ -120,6 +120,9 @@ class DINO(PretrainMethod):
     def has_val_loss(self) -> bool:
         return False  # see the module docstring
 
+    def compile_modules(self) -> list[nn.Module]:
+        return [self.encoder, self.teacher]  # student and teacher backbones (heads are small)
+
     def views(self, img: torch.Tensor, g: torch.Generator | None) -> tuple[list, list]:
         """Two global views at the input's size and ``n_local`` local views at ``local_size``."""
         glob = [self.augment(img, g) for _ in range(2)]

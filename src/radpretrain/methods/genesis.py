@@ -302,6 +302,9 @@ class Genesis(PretrainMethod):
         return batch
 
     # model -----------------------------------------------------------------
+    def compile_modules(self) -> list[torch.nn.Module]:
+        return [self.unet]  # encoder + decoder
+
     def restore(self, corrupted: torch.Tensor) -> torch.Tensor:
         """Restored image in [0, 1] from a corrupted [0, 1] image."""
         return torch.sigmoid(self.unet(self.normalize(corrupted)))

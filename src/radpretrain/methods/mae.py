@@ -222,6 +222,10 @@ class MAE(PretrainMethod):
         return {"loss": loss, "pred": pred, "mask": mask, "keep_idx": keep_idx, "valid_patch": valid_patch,
                 "loss_mask": loss_mask, "mean": mean, "var": var, "grid": (gh, gw)}
 
+    def compile_modules(self) -> list[nn.Module]:
+        # the step calls the ViT's parts, not its forward: compile the transformer blocks of both halves
+        return [self.encoder.blocks, self.decoder]
+
     def compute_loss(self, batch, batch_idx):
         out = self.forward_mae(batch, self.step_generator(batch_idx))
         return {"loss": out["loss"], "visible": torch.tensor(float(out["keep_idx"].shape[1]))}
