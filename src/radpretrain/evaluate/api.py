@@ -264,6 +264,9 @@ class _Run:
         lt = self.lt
         built = self.build(spec)
         self.init_meta[spec.name] = {"kind": spec.kind, **built.meta}
+        trained = built.meta.get("pretrain_image_size")
+        if trained and int(trained) != int(self.image_size):
+            log.warning("init %s was pretrained at %s px, evaluated at %s px", spec.name, trained, self.image_size)
         pools = list(dict.fromkeys(v.pool for v in variants if v.protocol.uses_features))
         feats = self.features(spec, built, pools)
         del built  # frees the device memory of the feature encoder before fine-tuning
