@@ -79,21 +79,24 @@ def make_encoder(arch: str, image_size: int) -> InitEncoder:
 
 
 def bench_arch(arch: str, rt: Runtime, image_size: int = 224, n_features: int = 2048, n_train: int = 1024,
-               feature_batch: int = 64, finetune_batch: int = 32, warmup_batches: int = 2, seed: int = 0) -> dict:
-    """Feature extraction and one fine-tuning epoch of ``arch`` on ``rt``: images/s and what ran."""
+               feature_batch: int = 64, finetune_batch: int = 32, warmup_batches: int = 2, seed: int = 0,
+               feed: str | None = None) -> dict:
+    """Feature extraction and one fine-tuning epoch of ``arch`` on ``rt``: images/s and what ran.
+
+    ``feed``: the images' way to the device (``device``, ``pinned``; None: as evaluate decides)."""
     if n_train < (warmup_batches + 1) * finetune_batch:
         raise ValueError(f"n_train={n_train}: need at least {(warmup_batches + 1) * finetune_batch} "
                          "(warm-up batches + one timed batch)")
     g = torch.Generator().manual_seed(seed)
     n = max(n_features, n_train + finetune_batch)
     images = torch.randint(0, 256, (n, 1, image_size, image_size), generator=g, dtype=torch.uint8)
-    feeder = ImageFeeder(images, rt.device)
+    feeder = ImageFeeder(images, rt.device, mode=feed)
     torch.manual_seed(seed)
     enc = make_encoder(arch, image_size)
     n_params = sum(p.numel() for p in enc.parameters())
     # features: one warm-up batch, then every image (the feeders are made before the clock starts)
-    warm = ImageFeeder(images[:feature_batch], rt.device)
-    timed_feeder = ImageFeeder(images[:n_features], rt.device) if n_features < n else feeder
+    warm = ImageFeeder(images[:feature_batch], rt.device, mode=feed)
+    timed_feeder = ImageFeeder(images[:n_features], rt.device, mode=feed) if n_features < n else feeder
     extract_features(enc, warm, batch_size=feature_batch, runtime=rt)
     t = time.perf_counter()
     X = extract_features(enc, timed_feeder, batch_size=feature_batch, runtime=rt)  # ends with a host copy: synchronised
@@ -121,14 +124,14 @@ def bench_arch(arch: str, rt: Runtime, image_size: int = 224, n_features: int = 
 
 def run_benchmark(archs=ARCHS, device: str = "auto", image_size: int = 224, n_features: int = 2048,
                   n_train: int = 1024, feature_batch: int = 64, finetune_batch: int = 32, warmup_batches: int = 2,
-                  quick: bool = False) -> dict:
+                  quick: bool = False, feed: str | None = None) -> dict:
     dev, note = resolve_device(device)
     rt = Runtime.for_device(dev)
     results = {}
     for arch in archs:
         t = time.time()
         results[arch] = bench_arch(arch, rt, image_size, n_features, n_train, feature_batch, finetune_batch,
-                                   warmup_batches)
+                                   warmup_batches, feed=feed)
         results[arch]["wall_seconds"] = round(time.time() - t, 1)
         print(f"{arch}: features {results[arch]['features_images_per_s']:.1f} images/s, "
               f"fine-tuning {results[arch]['finetune_images_per_s']:.1f} images/s", flush=True)
@@ -158,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-batch", type=int, default=int(d["finetune"]["batch_size"]))
     ap.add_argument("--warmup-batches", type=int, default=None, help="untimed first batches (default 2; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--feed", choices=("auto", "device", "pinned"), default="auto",
+                    help="how images reach a GPU (auto: as evaluate decides by free memory)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,7 +174,8 @@ def main(argv=None) -> int:
     n_feat = args.n_features or (fb if args.quick else 8192)
     n_train = args.n_train or ((warmup + 2) * tb if args.quick else 4096)
     out = run_benchmark([a.strip() for a in args.archs.split(",") if a.strip()], args.device, size,
-                        n_feat, n_train, fb, tb, warmup, quick=args.quick)
+                        n_feat, n_train, fb, tb, warmup, quick=args.quick,
+                        feed=None if args.feed == "auto" else args.feed)
     print(json.dumps(out))
     return 0
 

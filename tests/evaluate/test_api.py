@@ -91,3 +91,43 @@ def test_api_argument_errors(toy, tmp_path):
     with pytest.raises(UserError, match="--init"):
         E.evaluate(toy, "body_part", [], out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_no_import_cycle_inside_evaluate():
+    """Module-level imports between radpretrain.evaluate's modules (the package's __init__ included) form no cycle."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(E.__file__).parent
+    names = {p.stem: p for p in pkg.glob("*.py")}
+
+    def deps(path):
+        out = set()
+        for node in ast.parse(path.read_text()).body:
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            for m in mods:
+                if m == "radpretrain.evaluate":
+                    out.add("__init__")
+                elif m.startswith("radpretrain.evaluate.") and m.split(".")[2] in names:
+                    out.add(m.split(".")[2])
+        return out
+
+    graph = {n: deps(p) for n, p in names.items()}
+    state = {}
+
+    def visit(n, path):
+        state[n] = "open"
+        for d in graph[n]:
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(path + [d])}"
+            if d not in state:
+                visit(d, path + [d])
+        state[n] = "done"
+
+    for n in graph:
+        if n not in state:
+            visit(n, [n])
+    assert "api" in graph["__init__"] and "protocols" in graph["api"]

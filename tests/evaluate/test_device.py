@@ -221,3 +221,35 @@ def test_progress_bar_on_a_terminal_and_quiet_without(caplog):
     p.finished("x", 0.1)
     p.close()
     assert quiet.getvalue() == ""
+
+
+# -- on a real GPU (skipped without one; run them in a GPU session) -------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["device", "pinned"])
+def test_on_cuda_finetune_learns_with_every_feed_mode(mode):
+    rt = Runtime.for_device("cuda")
+    assert rt.fused_adamw and rt.name
+    imgs, y = _images(160)
+    tr, va, te = np.arange(0, 100), np.arange(100, 130), np.arange(130, 160)
+    opts = {"epochs": 6, "lr": 2e-2, "batch_size": 20, "patience": 3}  # augmentation on: a CUDA generator
+    feeder = ImageFeeder(imgs, rt.device, mode=mode)
+    assert feeder.mode == mode
+    r = finetune(_make, "binary", 2, feeder, y, tr, va, te, opts, runtime=rt)
+    assert metric_value("auc", "binary", y[te], r.test_scores) > 0.85
+
+
+@cuda
+def test_on_cuda_features_match_the_cpu_within_bf16_rounding():
+    rt = Runtime.for_device("cuda")
+    imgs, _ = _images(64, size=24)
+    cpu = extract_features(_make(), imgs, batch_size=16)
+    gpu = extract_features(_make(), ImageFeeder(imgs, rt.device), batch_size=16, runtime=rt)
+    assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 0.05
+    x = torch.rand(6, 1, 16, 16, device=rt.device)
+    out = augment_on_device(x, {"rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1},
+                            torch.Generator(device=rt.device).manual_seed(0))
+    assert out.device == x.device and out.shape == x.shape and 0 <= float(out.min()) <= float(out.max()) <= 1

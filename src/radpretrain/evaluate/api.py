@@ -28,8 +28,8 @@ import torch
 
 from radpretrain.data.store import Store
 from radpretrain.errors import UserError
-from radpretrain.evaluate import folds as F
-from radpretrain.evaluate import inits as I
+from radpretrain.evaluate.folds import FoldSet, fold_sets, leakage_check, load_or_make_splits, splits_table
+from radpretrain.evaluate.inits import BuiltInit, InitSpec, build_init, parse_init, unique_names
 from radpretrain.evaluate.device import ImageFeeder, Runtime, resolve_device
 from radpretrain.evaluate.features import cached_features, load_images, weights_mtime
 from radpretrain.evaluate.metrics import metric_value, primary_metric
@@ -56,7 +56,7 @@ class LabelledTask:
     classes: list[str]
     task: str
     info: dict               # the target (column, expression, detected task)
-    sets: list[F.FoldSet]
+    sets: list[FoldSet]
     splits: dict             # where the folds came from, their number, val share, ...
     n_eval: int
     leak: dict
@@ -110,18 +110,18 @@ def prepare_task(store: Store, target: str, task: str, positive, folds: int | No
     table = images.iloc[rows][["image_id", "patient_id"]].reset_index(drop=True)
     table["row"] = rows
     table["y"] = y
-    splits_df, sinfo = F.load_or_make_splits(store, tinfo["column"], folds, seed)
+    splits_df, sinfo = load_or_make_splits(store, tinfo["column"], folds, seed)
     if sinfo["source"] != "splits.parquet":
         splits_df.to_parquet(out / "splits_computed.parquet", index=False)
     n_folds = sinfo["folds"]
     n_eval = min(folds or n_folds, n_folds)
-    sets = F.fold_sets(table, splits_df, fractions, n_eval, sinfo["val"], val_fraction)
+    sets = fold_sets(table, splits_df, fractions, n_eval, sinfo["val"], val_fraction)
     if not sets:
         raise UserError(f"{store.root}: no labelled image has a fold in splits.parquet; rerun 'radpretrain split'")
     tested = np.unique(np.concatenate([s.test for s in sets]))
     sinfo["labelled_images_not_tested"] = int(len(table) - len(tested)) if n_eval == n_folds else None
-    leak = F.leakage_check(table, sets)
-    F.splits_table(table, sets).to_parquet(out / "splits_used.parquet", index=False)
+    leak = leakage_check(table, sets)
+    splits_table(table, sets).to_parquet(out / "splits_used.parquet", index=False)
     return LabelledTask(table, mask, table["y"].to_numpy(), classes, task, tinfo, sets, sinfo, n_eval, leak)
 
 
@@ -134,7 +134,7 @@ def _check_arguments(image_size: int, task: str, balance: str) -> None:
         raise UserError(f"--balance {balance}: choose one of {', '.join(BALANCE)}")
 
 
-def evaluate(data: str | Path, target: str, inits: Sequence[str | I.InitSpec], *, out: str | Path,
+def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, out: str | Path,
              protocols: Sequence[str] = ("linear",), label_fractions: str | Sequence[float] = (0.01, 0.1, 1.0),
              folds: int | None = None, backbone: str = "tf_efficientnet_lite0", image_size: int = 128, seed: int = 0,
              task: str = "auto", positive: str | None = None, balance: str = "none", overrides: Sequence[str] = (),
@@ -163,7 +163,7 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | I.InitSpec], *
 
     store = Store(data)
     lt = prepare_task(store, target, task, positive, folds, fractions, seed, opts["val_fraction"], out)
-    specs = I.unique_names([I.parse_init(s) if isinstance(s, str) else s for s in inits])
+    specs = unique_names([parse_init(s) if isinstance(s, str) else s for s in inits])
     log.info("task %s on %s: %d labelled images, %d patients, %d folds (evaluating %d), fractions %s, inits %s",
              lt.task, target, len(lt.table), lt.table["patient_id"].nunique(), lt.splits["folds"], lt.n_eval,
              fractions, [s.name for s in specs])
@@ -241,10 +241,10 @@ class _Run:
         self.histories: dict = {}
         self.init_meta: dict = {}
 
-    def build(self, spec: I.InitSpec) -> I.BuiltInit:
-        return I.build_init(spec, self.backbone, self.image_size, self.store_stats, self.init_opts)
+    def build(self, spec: InitSpec) -> BuiltInit:
+        return build_init(spec, self.backbone, self.image_size, self.store_stats, self.init_opts)
 
-    def features(self, spec: I.InitSpec, built: I.BuiltInit, pools: list[str]) -> dict[str, np.ndarray]:
+    def features(self, spec: InitSpec, built: BuiltInit, pools: list[str]) -> dict[str, np.ndarray]:
         """Frozen features of every labelled image, per token pooling (cached in ``features/``)."""
         feats = {}
         for pool in pools:
@@ -260,7 +260,7 @@ class _Run:
                 pbar.close()
         return feats
 
-    def evaluate_init(self, spec: I.InitSpec, variants: list[Variant], prog) -> None:
+    def evaluate_init(self, spec: InitSpec, variants: list[Variant], prog) -> None:
         lt = self.lt
         built = self.build(spec)
         self.init_meta[spec.name] = {"kind": spec.kind, **built.meta}
@@ -285,7 +285,7 @@ class _Run:
                 self._cell(spec.name, v, proto, s, data, prog)
             log.info("%s / %s done in %.1f s", spec.name, v.name, time.time() - t0)
 
-    def _cell(self, init: str, v: Variant, proto: Protocol, s: F.FoldSet, data: FoldData, prog) -> None:
+    def _cell(self, init: str, v: Variant, proto: Protocol, s: FoldSet, data: FoldData, prog) -> None:
         label = f"{init} / {v.name} fold {s.fold} fraction {s.fraction:g}"
         if data.single_class:
             log.warning("skip %s/%s fold %d fraction %g: the labelled training subset has one class",
@@ -312,7 +312,7 @@ class _Run:
         prog.finished(label, res.seconds, _cell_note(self.lt, s, res.val_scores, chosen))
 
 
-def _cell_note(lt: LabelledTask, s: F.FoldSet, val_scores, chosen: dict) -> str:
+def _cell_note(lt: LabelledTask, s: FoldSet, val_scores, chosen: dict) -> str:
     parts = []
     if len(s.val):
         m = primary_metric(lt.task)
