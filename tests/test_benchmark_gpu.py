@@ -34,7 +34,7 @@ def test_smoke_measures_every_method(bench):
     assert m["genesis"]["gflop_per_img"] > m["metadata"]["gflop_per_img"]  # the U-Net decoder
     rc = m["deepcluster"]["recluster"]
     assert rc["images"] == 256 and rc["clusters"] == 4 and rc["backend"] == "faiss-cpu" and rc["n_empty_fixed"] >= 0
-    assert rc["seconds_total"] >= rc["seconds_features"] > 0 and rc["seconds_torch_kmeans_cpu"] > 0
+    assert rc["seconds_total"] >= rc["seconds_features"] > 0 and rc["seconds_torch_kmeans_cpu"] >= 0  # rounded to 0.01 s
     assert 0 < m["deepcluster"]["e2e_incl_recluster_img_s_derived"] < m["deepcluster"]["e2e_median_step_img_s"]
 
 

@@ -8,7 +8,7 @@ import torch
 from radpretrain.data.store import Store
 from radpretrain.errors import UserError
 from radpretrain.evaluate import folds as F
-from radpretrain.evaluate.cli import resolve_target
+from radpretrain.evaluate.target import resolve_target
 from radpretrain.evaluate.inits import build_init, map_keys, parse_init
 
 

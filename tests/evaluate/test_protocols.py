@@ -7,7 +7,8 @@ from torch import nn
 
 from radpretrain.evaluate.inits import InitEncoder
 from radpretrain.evaluate.metrics import metric_value
-from radpretrain.evaluate.protocols import augment_batch, extract_features, finetune, knn_probe, linear_probe
+from radpretrain.evaluate.features import extract_features
+from radpretrain.evaluate.protocols import augment_batch, finetune, knn_probe, linear_probe
 
 
 def _planted(n, d=32, seed=0, n_classes=2):

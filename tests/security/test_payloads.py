@@ -169,7 +169,7 @@ def test_a_planted_features_cache_is_recomputed_not_unpickled(toy, payload, tmp_
     """evaluate's features/*.npy cache (in its --out folder): an object array carrying the payload."""
     import numpy as np
 
-    from radpretrain.evaluate.cli import _cached_features, load_images
+    from radpretrain.evaluate.features import cached_features as _cached_features, load_images
     from radpretrain.data.store import Store
 
     store = Store(toy)

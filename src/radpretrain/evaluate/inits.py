@@ -42,7 +42,6 @@ from radpretrain.utils import get_logger
 log = get_logger("evaluate")
 
 COMMON_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
-_WARNED: set = set()
 HEAD_PATTERN = re.compile(r"^(classifier|head|fc|last_linear|head_drop)(\.|$)")
 
 
@@ -201,10 +200,7 @@ def build_init(spec: InitSpec, backbone: str, image_size: int, store_stats: tupl
         if run_size is not None and int(run_size) != int(image_size):
             raise UserError(f"{spec.path}: this encoder was built for {run_size}-pixel images; "
                             f"pass --image-size {run_size} to evaluate it")
-        trained = pre.get("image_size") or meta.get("image_size")
-        if trained and int(trained) != int(image_size) and spec.path not in _WARNED:
-            _WARNED.add(spec.path)
-            log.warning("init %s was pretrained at %s px, evaluated at %s px", spec.name, trained, image_size)
+        trained = pre.get("image_size") or meta.get("image_size")  # evaluate warns once when it differs
         in_ch = int((meta.get("model_kwargs") or {}).get("in_chans", 1))
         mean, std = pre["mean"], pre["std"]
         return BuiltInit(spec, InitEncoder(model.train(), mean, std, in_ch),

@@ -1,20 +1,23 @@
-"""Evaluation protocols: linear probe, kNN and full fine-tuning.
+"""Evaluation protocols: linear probe, kNN and full fine-tuning, and their registry.
 
-All protocols get the same inputs: the images of the labelled subset (preloaded,
-letterboxed, ``uint8`` [N, 1, S, S]), targets ``y`` (class index or float) and
-three disjoint index arrays (train / val / test) into them.  Hyper-parameters
-(``C``, ``k``, learning rate, epoch of early stopping) are chosen on *val only*;
-test predictions are produced once, by the chosen model.
+A protocol is a small class in :data:`PROTOCOLS` (``linear``, ``knn``, ``finetune``) whose
+``run(data)`` takes ONE :class:`FoldData`: the train / val / test positions of a cell (init x
+fold x label fraction), the labels, patient groups, task, class balance, seed, and the inputs
+of the init (its frozen features, or its images, encoder factory and runtime).  Hyper-parameters
+(``C``, ``k``, learning rate, epoch of early stopping) are chosen on *val only*; test predictions
+are produced once, by the chosen model.
 
 - :func:`linear_probe`: scikit-learn ``LogisticRegression`` (``Ridge`` for
   regression) on standardised frozen features.
 - :func:`knn_probe`: cosine k-nearest neighbours on frozen features.
-- :func:`finetune`: a plain PyTorch loop (CPU-friendly) training encoder + linear
-  head, with optional head-only warm-up, early stopping, learning-rate sweep,
-  augmentation and class balancing.
+- :func:`finetune`: a plain PyTorch loop training encoder + linear head, with optional
+  head-only warm-up, early stopping, learning-rate sweep, augmentation and class balancing.
+  It runs on the runtime's device (:mod:`~radpretrain.evaluate.device`): on a GPU the images,
+  encoder, head, augmentation and optimiser live there, with bf16 autocast and fused AdamW;
+  on the CPU it computes exactly what it always did.
 
-Frozen features come from :func:`extract_features` (one pass per init, reused
-for every fold and label fraction).
+Frozen features come from :func:`radpretrain.evaluate.features.extract_features` (one pass per
+init, reused for every fold and label fraction).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -31,12 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from radpretrain.errors import UserError
+from radpretrain.evaluate.device import ImageFeeder, Runtime, to_float
 from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, metric_value, primary_metric
 from radpretrain.utils import get_logger
 
 log = get_logger("evaluate")
-
-POOLS = ("default", "mean", "cls", "flat")
 
 DEFAULTS = {
     "linear": {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], "alpha": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0],
@@ -46,45 +49,6 @@ DEFAULTS = {
                  "warmup_epochs": 0, "patience": 3, "flip": True, "rotate": 10.0, "crop": 0.1,
                  "brightness": 0.1, "contrast": 0.1, "augment": True},
 }
-
-
-# -- feature extraction --------------------------------------------------------
-
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.to(torch.float32).mul_(1 / 255)
-
-
-@torch.no_grad()
-def extract_features(encoder, images_u8: torch.Tensor, pool: str = "default", batch_size: int = 64) -> np.ndarray:
-    """Frozen features of every image: ``[N, D]`` float32.
-
-    ``pool``: ``default`` (the model's own pooled output) or, for ViTs, ``mean``
-    (patch tokens averaged), ``cls`` (the class token) or ``flat`` (all patch
-    tokens concatenated), the three aggregations the MAE pilot compared.
-    """
-    if pool not in POOLS:
-        raise UserError(f"pool={pool!r}: choose one of {', '.join(POOLS)}")
-    if pool != "default" and not encoder.is_vit:
-        raise UserError(f"pool={pool}: token aggregation needs a ViT backbone (this one pools itself); use pool=default")
-    encoder.eval()
-    out = []
-    for s in range(0, len(images_u8), batch_size):
-        x = to_float(images_u8[s : s + batch_size])
-        if pool == "default":
-            f = encoder(x)
-        else:
-            t = encoder.tokens(x)
-            npt = int(getattr(encoder.model, "num_prefix_tokens", 1))
-            if pool == "cls":
-                if npt < 1:
-                    raise UserError("pool=cls: this ViT has no class token")
-                f = t[:, 0]
-            elif pool == "mean":
-                f = t[:, npt:].mean(dim=1)
-            else:
-                f = t[:, npt:].flatten(1)
-        out.append(f.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, encoder.num_features), np.float32)
 
 
 # -- model selection helpers -----------------------------------------------------
@@ -258,23 +222,29 @@ class Classifier(nn.Module):
         return self.head(self.encoder(img01))
 
 
-def _loss_fn(task: str, ytr: np.ndarray, n_classes: int, balance: str):
+def balanced_class_weights(ytr: np.ndarray, n_classes: int) -> np.ndarray:
+    """``n / (n_classes * count)`` per class of the training labels (0 for a class absent from them)."""
+    counts = np.bincount(ytr.astype(int), minlength=n_classes).astype(float)
+    return np.where(counts > 0, len(ytr) / (n_classes * np.maximum(counts, 1)), 0.0)
+
+
+def _loss_fn(task: str, ytr: np.ndarray, n_classes: int, balance: str, device: torch.device | str = "cpu"):
     if task == "binary":
         pw = None
         if balance == "weights":
             pos = max(1, int((ytr == 1).sum()))
-            pw = torch.tensor([(len(ytr) - pos) / pos], dtype=torch.float32)
+            pw = torch.tensor([(len(ytr) - pos) / pos], dtype=torch.float32, device=device)
         return lambda out, y: F.binary_cross_entropy_with_logits(out[:, 0], y.float(), pos_weight=pw)
     if task == "multiclass":
         w = None
         if balance == "weights":
-            counts = np.bincount(ytr.astype(int), minlength=n_classes).astype(float)
-            w = torch.tensor(np.where(counts > 0, len(ytr) / (n_classes * np.maximum(counts, 1)), 0.0), dtype=torch.float32)
+            w = torch.tensor(balanced_class_weights(ytr, n_classes), dtype=torch.float32, device=device)
         return lambda out, y: F.cross_entropy(out, y.long(), weight=w)
     return lambda out, y: F.mse_loss(out[:, 0], y.float())
 
 
 def _scores(task: str, out: torch.Tensor, mu: float, sd: float) -> np.ndarray:
+    out = out.float().cpu()
     if task == "binary":
         return torch.sigmoid(out[:, 0]).numpy()
     if task == "multiclass":
@@ -283,25 +253,49 @@ def _scores(task: str, out: torch.Tensor, mu: float, sd: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def _predict(model, images_u8, idx, batch_size) -> torch.Tensor:
+def _predict(model, feeder: ImageFeeder, idx, batch_size, rt: Runtime) -> torch.Tensor:
+    """Outputs (float32, on the runtime's device) for the images at ``idx``."""
     model.eval()
-    outs = [model(to_float(images_u8[idx[s : s + batch_size]])) for s in range(0, len(idx), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros(0, model.head.out_features)
+    outs = []
+    for b in feeder.batches(idx, batch_size):
+        with rt.autocast():
+            outs.append(model(b.x).float())
+    return torch.cat(outs) if outs else torch.zeros(0, model.head.out_features, device=rt.device)
 
 
-def _train_one(make_encoder: Callable, task, n_classes, images_u8, y, tr, va, lr, o, balance, seed):
+def augment_on_device(x: torch.Tensor, o: dict, gen: torch.Generator) -> torch.Tensor:
+    """:func:`augment_batch` with its random draws made on ``x``'s device (``gen`` must live there).
+
+    Its factory calls (``torch.rand``) follow the default device, which is set to ``x``'s here,
+    so the whole batch is augmented where it is; on the CPU this is ``augment_batch`` itself.
+    """
+    if x.device.type == "cpu":
+        return augment_batch(x, o, gen)
+    with torch.device(x.device):
+        return augment_batch(x, o, gen)
+
+
+def _n_batches(n: int, batch_size: int, min_size: int = 2) -> int:
+    return n // batch_size + (1 if n % batch_size >= min_size else 0)
+
+
+def _train_one(make_encoder: Callable, task, n_classes, feeder: ImageFeeder, y, tr, va, lr, o, balance, seed,
+               rt: Runtime, progress=None):
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)       # sampling order (and, on the CPU, augmentation)
+    aug_gen = rt.generator(seed, gen)                # augmentation draws, made on the device
     enc = make_encoder()
     n_out = n_classes if task == "multiclass" else 1
-    model = Classifier(enc, n_out)
+    model = rt.place(Classifier(enc, n_out))
     ytr = y[tr]
     mu, sd = (float(np.mean(ytr)), float(np.std(ytr) or 1.0)) if task == "regression" else (0.0, 1.0)
-    yt = torch.tensor(np.array((y - mu) / sd if task == "regression" else y))
-    loss_fn = _loss_fn(task, ytr, n_classes, balance)
+    yt = torch.tensor(np.array((y - mu) / sd if task == "regression" else y)).to(rt.device)
+    va_t = torch.as_tensor(np.asarray(va, dtype=np.int64), device=rt.device)
+    loss_fn = _loss_fn(task, ytr, n_classes, balance, rt.device)
     bs = int(o["batch_size"])
     epochs, warm = int(o["epochs"]), int(o["warmup_epochs"])
     patience = int(o["patience"]) if o.get("patience") is not None else 0
+    per_epoch = _n_batches(len(tr), bs)
     sample_w = None
     if balance == "sampler" and task != "regression":
         counts = np.bincount(ytr.astype(int), minlength=n_classes).astype(float)
@@ -315,7 +309,7 @@ def _train_one(make_encoder: Callable, task, n_classes, images_u8, y, tr, va, lr
             for p in model.encoder.parameters():
                 p.requires_grad_(not head_only)
             params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(o["weight_decay"]))
+            opt = rt.adamw(params, lr=lr, weight_decay=float(o["weight_decay"]))
         model.train()
         if head_only:
             model.encoder.eval()  # frozen encoder keeps its BatchNorm statistics
@@ -323,59 +317,194 @@ def _train_one(make_encoder: Callable, task, n_classes, images_u8, y, tr, va, lr
             order = tr[torch.multinomial(sample_w, len(tr), replacement=True, generator=gen).numpy()]
         else:
             order = tr[torch.randperm(len(tr), generator=gen).numpy()]
-        tot, n = 0.0, 0
-        for s in range(0, len(order), bs):
-            bi = order[s : s + bs]
-            if len(bi) < 2:  # BatchNorm cannot train on one sample
-                continue
-            x = to_float(images_u8[bi])
+        # the loss sum stays on the device (no synchronisation per batch); float64 adds exactly as
+        # the Python float it replaces
+        tot, n = torch.zeros((), dtype=torch.float64, device=rt.device), 0
+        for b in feeder.batches(order, bs, min_size=2):  # BatchNorm cannot train on one sample
+            x = b.x
             if o.get("augment", True):
-                x = augment_batch(x, o, gen)
-            loss = loss_fn(model(x), yt[bi])
+                x = augment_on_device(x, o, aug_gen)
+            with rt.autocast():
+                out = model(x)
+            loss = loss_fn(out.float(), yt[b.index_t])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += loss.item() * len(bi)
-            n += len(bi)
-        out_va = _predict(model, images_u8, va, bs)
-        vloss = float(loss_fn(out_va, yt[va])) if len(va) else float("nan")
+            tot += loss.detach().double() * len(b.index)
+            n += len(b.index)
+            if progress is not None:
+                progress.update(1)
+        out_va = _predict(model, feeder, va, bs, rt)
+        vloss = float(loss_fn(out_va, yt[va_t])) if len(va) else float("nan")
         vscore = _val_score(task, y[va], _scores(task, out_va, mu, sd)) if len(va) else float("nan")
-        history.append({"epoch": ep + 1, "train_loss": tot / max(n, 1), "val_loss": vloss, "val_score": vscore,
+        history.append({"epoch": ep + 1, "train_loss": float(tot) / max(n, 1), "val_loss": vloss, "val_score": vscore,
                         "head_only": head_only})
+        if progress is not None:
+            progress.set_postfix(lr=f"{lr:g}", epoch=ep + 1, val_loss=f"{vloss:.4g}", refresh=False)
         key = vloss if np.isfinite(vloss) else -ep  # no val set: keep the last epoch
         if key < best[0]:
             best, bad = (key, copy.deepcopy(model.state_dict()), ep + 1), 0
         else:
             bad += 1
             if patience and bad >= patience and ep + 1 > warm:
+                if progress is not None:  # the epochs not run
+                    progress.update(per_epoch * (epochs - ep - 1))
                 break
     model.load_state_dict(best[1])
     return model, history, best[2], (mu, sd)
 
 
-def finetune(make_encoder: Callable, task: str, n_classes: int, images_u8: torch.Tensor, y: np.ndarray,
+def finetune(make_encoder: Callable, task: str, n_classes: int, images, y: np.ndarray,
              tr: np.ndarray, va: np.ndarray, te: np.ndarray, opts: dict | None = None,
-             balance: str = "none", seed: int = 0) -> ProbeResult:
+             balance: str = "none", seed: int = 0, runtime: Runtime | None = None, progress=None) -> ProbeResult:
     """Fine-tune all layers (after ``warmup_epochs`` head-only epochs); pick lr and epoch on val.
 
     ``make_encoder()`` must return a fresh encoder each call (one per learning rate).
+    ``images``: ``uint8`` [N, 1, S, S] or an :class:`~radpretrain.evaluate.device.ImageFeeder`.
+    ``runtime`` (default: the CPU, float32): where it trains.  ``progress``: a tqdm-like bar
+    advanced once per training batch (total: :func:`finetune_steps`).
     ``chosen`` holds the chosen lr, the best epoch and the loss history of every lr tried.
     """
     o = {**DEFAULTS["finetune"], **(opts or {})}
+    rt = runtime or Runtime.cpu()
+    feeder = images if isinstance(images, ImageFeeder) else ImageFeeder(images, rt.device)
     t0 = time.time()
     _check_train(task, y[tr])
     lrs = _as_list(o["lr_sweep"]) or [float(o["lr"])]
     best = None
     tried = []
     for lr in lrs:
-        model, hist, best_ep, (mu, sd) = _train_one(make_encoder, task, n_classes, images_u8, y, tr, va,
-                                                   float(lr), o, balance, seed)
-        sv = _scores(task, _predict(model, images_u8, va, int(o["batch_size"])), mu, sd)
+        model, hist, best_ep, (mu, sd) = _train_one(make_encoder, task, n_classes, feeder, y, tr, va,
+                                                   float(lr), o, balance, seed, rt, progress)
+        sv = _scores(task, _predict(model, feeder, va, int(o["batch_size"]), rt), mu, sd)
         sc = _val_score(task, y[va], sv) if len(va) else 0.0
         tried.append({"lr": float(lr), "val_score": float(sc), "best_epoch": best_ep, "history": hist})
         if best is None or sc > best[0]:
             best = (sc, model, float(lr), best_ep, (mu, sd), sv)
         log.debug("finetune lr=%g val=%.4f best_epoch=%d", lr, sc, best_ep)
     _, model, lr, best_ep, (mu, sd), sv = best
-    st = _scores(task, _predict(model, images_u8, te, int(o["batch_size"])), mu, sd)
+    st = _scores(task, _predict(model, feeder, te, int(o["batch_size"]), rt), mu, sd)
     return ProbeResult(st, sv, {"lr": lr, "best_epoch": best_ep, "tried": tried}, time.time() - t0)
+
+
+def finetune_steps(n_train: int, opts: dict | None = None) -> int:
+    """Training batches of a :func:`finetune` call that runs every epoch (the bar's total)."""
+    o = {**DEFAULTS["finetune"], **(opts or {})}
+    lrs = _as_list(o["lr_sweep"]) or [float(o["lr"])]
+    return len(lrs) * int(o["epochs"]) * _n_batches(n_train, int(o["batch_size"]))
+
+
+# -- the registry: one FoldData in, one ProbeResult out ------------------------------------------
+
+@dataclass(frozen=True)
+class FoldData:
+    """Everything a protocol needs for one cell (init x fold x label fraction).
+
+    ``train`` / ``val`` / ``test`` are positions into the labelled images (``y``, ``groups``,
+    ``features``, ``images``).  Feature protocols read ``features``; fine-tuning reads ``images``
+    (``uint8`` tensor or :class:`~radpretrain.evaluate.device.ImageFeeder`), ``make_encoder`` (a
+    fresh encoder per call) and ``runtime``.  ``progress`` is a tqdm-like bar or None.
+    """
+
+    fold: int
+    fraction: float
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    y: np.ndarray
+    task: str
+    n_classes: int
+    groups: np.ndarray | None = None     # patient pseudonyms of the labelled images
+    balance: str = "none"
+    seed: int = 0
+    features: np.ndarray | None = None
+    images: object = None
+    make_encoder: Callable | None = None
+    runtime: Runtime | None = None
+    progress: object = None
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return self.y[self.train]
+
+    @property
+    def class_weights(self) -> np.ndarray | None:
+        """Balanced class weights of the training labels (None for regression)."""
+        if self.task == "regression":
+            return None
+        return balanced_class_weights(self.y_train, self.n_classes)
+
+    @property
+    def single_class(self) -> bool:
+        """A classification cell whose training subset holds one class (it cannot be fitted)."""
+        return self.task != "regression" and len(np.unique(self.y_train)) < 2
+
+
+class Protocol:
+    """One evaluation protocol: ``Protocol(options).run(FoldData) -> ProbeResult``.
+
+    ``uses_features``: it reads frozen features (and so takes ``pool``, a token aggregation for
+    ViTs, computed once per init); otherwise it trains on the images.
+    """
+
+    name: ClassVar[str] = ""
+    uses_features: ClassVar[bool] = True
+
+    def __init__(self, options: dict | None = None):
+        self.options = {k: v for k, v in (options or {}).items() if k != "pool"}
+
+    def steps(self, data: FoldData) -> int:
+        """Units of work of one cell (the inner progress bar's total; 0: no inner bar)."""
+        return 0
+
+    def run(self, data: FoldData) -> ProbeResult:
+        raise NotImplementedError
+
+
+def _need_features(data: FoldData, name: str) -> np.ndarray:
+    if data.features is None:
+        raise ValueError(f"protocol {name}: FoldData.features is missing")
+    return data.features
+
+
+class LinearProbe(Protocol):
+    name = "linear"
+
+    def run(self, data: FoldData) -> ProbeResult:
+        X, y = _need_features(data, self.name), data.y
+        return linear_probe(data.task, data.n_classes, X[data.train], y[data.train], X[data.val], y[data.val],
+                            X[data.test], self.options, data.balance, data.seed)
+
+
+class KnnProbe(Protocol):
+    name = "knn"
+
+    def run(self, data: FoldData) -> ProbeResult:
+        X, y = _need_features(data, self.name), data.y
+        return knn_probe(data.task, data.n_classes, X[data.train], y[data.train], X[data.val], y[data.val],
+                         X[data.test], self.options, data.balance, data.seed)
+
+
+class FineTune(Protocol):
+    name = "finetune"
+    uses_features = False
+
+    def steps(self, data: FoldData) -> int:
+        return finetune_steps(len(data.train), self.options)
+
+    def run(self, data: FoldData) -> ProbeResult:
+        if data.make_encoder is None or data.images is None:
+            raise ValueError("protocol finetune: FoldData needs images and make_encoder")
+        return finetune(data.make_encoder, data.task, data.n_classes, data.images, data.y, data.train, data.val,
+                        data.test, self.options, data.balance, data.seed, runtime=data.runtime,
+                        progress=data.progress)
+
+
+# name -> protocol class; a new protocol is one class above and one entry here
+PROTOCOLS: Mapping[str, type[Protocol]] = MappingProxyType({p.name: p for p in (LinearProbe, KnnProbe, FineTune)})
+
+
+def get_protocol(name: str) -> type[Protocol]:
+    if name not in PROTOCOLS:
+        raise UserError(f"--protocol {name}: choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]

@@ -337,6 +337,19 @@ def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _device_text(d: dict | None) -> str:
+    """The setup row of the device features and fine-tuning ran on (runs before it was recorded: the CPU)."""
+    if not d:
+        return "CPU (not recorded)"
+    where = f"{d.get('type')}" + (f":{d['index']}" if d.get("index") is not None else "")
+    text = f"{where} ({d.get('name')}), {d.get('precision')}, AdamW {d.get('adamw')}"
+    if d.get("images"):
+        text += f", images fed: {d['images']}"
+    if d.get("requested") not in (None, where):
+        text += f" (requested: --device {d['requested']})"
+    return text
+
+
 def setup_items(summary: dict) -> list[tuple[str, str]]:
     s = summary
     sp = s["splits"]
@@ -362,6 +375,7 @@ def setup_items(summary: dict) -> list[tuple[str, str]]:
         ("statistics", f"95 % CIs: percentile bootstrap over patients ({s['options'].get('n_boot')} resamples); "
                        "Δ: paired bootstrap over patients; DeLong: image-level, binary AUC"),
         ("seed / class balance / CPU threads", f"{s['seed']} / {s['balance']} / {s.get('torch_threads', 'not recorded')}"),
+        ("device", _device_text(s.get("device"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v != "not installed")),
         ("run time", f"{s.get('seconds', 0):.0f} s"),
     ]
