@@ -18,6 +18,10 @@ CPU and CUDA tensors alike and a resumed run repeats its draws exactly.
 - **DeepCluster crops** (:func:`random_resized_crop_flip`; Caron, Bojanowski, Joulin, Douze,
   *Deep Clustering for Unsupervised Learning of Visual Features*, ECCV 2018) and
   **fine-tuning augmentation** (:func:`finetune_augment`).
+- **Models Genesis corruptions** (:class:`GenesisCorruption`; Zhou, Sodha, Rahman Siddiquee,
+  Feng, Tajbakhsh, Gotway, Liang, *Models Genesis: Generic Autodidactic Models for 3D Medical
+  Image Analysis*, MICCAI 2019): flips, local pixel shuffling, Bézier intensity mapping,
+  in-/out-painting.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radpretrain.errors import UserError
 from radpretrain.settings import probability
 
 
@@ -280,3 +285,237 @@ def finetune_augment(x: torch.Tensor, o: dict, gen: torch.Generator) -> torch.Te
         x = ((x - m) * c + m + d).clamp_(0, 1)
     return x
 
+
+# --------------------------------------------------------------------------- Models Genesis
+# Zhou et al., MICCAI 2019 (Medical Image Analysis 67, 2021): the image is corrupted by a
+# chain of random transformations and a U-Net learns to restore it.  Each step below is
+# split in a draw (random parameters of the whole batch from one generator) and a pure
+# function of the batch and those parameters, which is what the tests compare image by image.
+def _randint(lo, hi, shape, g, device) -> torch.Tensor:
+    """Integers uniform in [lo, hi] (bounds: ints or tensors broadcasting to ``shape``), int64."""
+    lo = torch.as_tensor(lo, device=device)
+    hi = torch.as_tensor(hi, device=device)
+    u = _rand(shape, g, device, torch.float64)
+    return torch.minimum(lo + (u * (hi - lo + 1).to(torch.float64)).long(), hi)
+
+
+def _coin(b: int, p: float, g, device) -> torch.Tensor:
+    return _rand(b, g, device) < p
+
+
+def flip_draw(b: int, rate: float, g, device, tries: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Models Genesis' flips: up to ``tries`` flips, each taken with ``rate`` while the previous was,
+    along a random axis.  Returns ``(flip_rows, flip_cols)``, bool [B]: the parity of each axis."""
+    taken = (_rand((b, tries), g, device) < rate).cumprod(dim=1).bool()
+    cols = _rand((b, tries), g, device) < 0.5  # axis 1 of the image (left-right), else axis 0
+    return (taken & ~cols).sum(1) % 2 == 1, (taken & cols).sum(1) % 2 == 1
+
+
+def flip_images(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Flip image i upside down where ``rows[i]`` and left-right where ``cols[i]``."""
+    x = torch.where(rows.view(-1, 1, 1, 1), x.flip(-2), x)
+    return torch.where(cols.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def shuffle_block_draw(b: int, h: int, w: int, n_blocks: int, g, device, max_frac: float = 0.1):
+    """``n_blocks`` blocks per image: sides in [1, max_frac x side], anywhere inside the image.
+
+    Returns ``(y, x, bh, bw)``, int64 [n_blocks, B]: block t of image i is
+    ``[y, y + bh) x [x, x + bw)`` at index ``[t, i]``.
+    """
+    bh_max, bw_max = max(1, int(h * max_frac)), max(1, int(w * max_frac))
+    shape = (int(n_blocks), b)
+    bh = _randint(1, bh_max, shape, g, device)
+    bw = _randint(1, bw_max, shape, g, device)
+    return _randint(0, h - bh, shape, g, device), _randint(0, w - bw, shape, g, device), bh, bw
+
+
+def shuffle_blocks(x: torch.Tensor, blocks, on: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Permute the pixels inside each block, block after block (each permutes the current image).
+
+    ``blocks`` = ``(y, x, bh, bw)`` int64 [T, B]; ``on`` bool [B] (images left alone where
+    False); ``keys`` [T, B, M] uniform in [0, 1), M >= the largest block's area: block t of
+    image i moves its k-th pixel (raster order) to the place of its ``argsort(keys)``-th, a
+    uniformly random permutation.  Vectorised over the batch and the block's pixels with one
+    gather + scatter per block; a pixel's value only ever moves inside a block, so every
+    image keeps its pixel multiset.  Padding pixels are shuffled like the others (as before).
+    """
+    y0, x0, bh, bw = blocks
+    b, c, h, w = x.shape
+    n, m = h * w, keys.shape[-1]
+    j = torch.arange(m, device=x.device)
+    inside = j < (bh * bw * on.long()[None]).unsqueeze(-1)                     # [T, B, M]; none when off
+    perm = torch.where(inside, keys, 2.0 + j.to(keys.dtype)).argsort(dim=-1)   # in-block first, random
+    # offset of a block's k-th pixel (raster order) from its corner, for each block width q: a table
+    q = torch.arange(1, min(m, w) + 1, device=x.device)[:, None]  # widths (a block fits in the image and in M)
+    table = torch.cat([torch.zeros_like(j)[None], (j // q) * w + j % q])       # row q: width q
+    offset = table[bw]                                                          # [T, B, M]
+    corner = (y0 * w + x0).unsqueeze(-1)
+    # flat pixel indices; the k-th pixel takes the value of the perm[k]-th; the dummy slot n elsewhere
+    src = torch.where(inside, corner + offset.gather(-1, perm), n)
+    dst = torch.where(inside, corner + offset, n)
+    if c > 1:  # every channel of an image moves alike: channels become rows of the batch
+        src, dst = src.repeat_interleave(c, dim=1), dst.repeat_interleave(c, dim=1)
+    flat = torch.cat([x.reshape(b * c, n), x.new_zeros(b * c, 1)], dim=1)
+    for s, d in zip(src.unbind(0), dst.unbind(0)):  # in order: blocks overlap, each permutes the current image
+        flat.scatter_(1, d, flat.gather(1, s))
+    return flat[:, :n].reshape(b, c, h, w)
+
+
+def local_pixel_shuffle(x: torch.Tensor, on: torch.Tensor, n_blocks: int, g, max_frac: float = 0.1,
+                        chunk: int = 64) -> torch.Tensor:
+    """Models Genesis' local pixel shuffling of the images where ``on``: ``n_blocks`` random blocks.
+
+    The permutation keys are drawn ``chunk`` blocks at a time (memory: chunk x B x the
+    largest block's area); ``chunk`` changes which random numbers go to which block, not
+    their distribution.
+    """
+    b, _, h, w = x.shape
+    y0, x0, bh, bw = shuffle_block_draw(b, h, w, n_blocks, g, x.device, max_frac)
+    m = max(1, int(h * max_frac)) * max(1, int(w * max_frac))
+    for s in range(0, int(n_blocks), chunk):
+        sl = slice(s, s + chunk)
+        keys = _rand((y0[sl].shape[0], b, m), g, x.device)
+        x = shuffle_blocks(x, (y0[sl], x0[sl], bh[sl], bw[sl]), on, keys)
+    return x
+
+
+def bezier_curves(cx: torch.Tensor, cy: torch.Tensor, n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cubic Bézier curves through (0, 0), (cx0, cy0), (cx1, cy1), (1, 1), sampled at ``n`` values of t.
+
+    ``cx``, ``cy``: [B, 2]; returns ``(xs, ys)`` [B, n] in their dtype, ``xs`` made non-decreasing
+    (it is in exact arithmetic when ``cx`` is sorted).
+    """
+    t = torch.linspace(0.0, 1.0, n, dtype=cx.dtype, device=cx.device)
+    b1, b2, b3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3
+
+    def curve(p):
+        return p[:, :1] * b1 + p[:, 1:] * b2 + b3
+
+    return curve(cx).cummax(dim=1).values, curve(cy)
+
+
+def interp(v: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``numpy.interp``: ``v`` [B, K] through the piecewise-linear maps ``xs -> ys`` [B, n]."""
+    n = xs.shape[1]
+    i = torch.searchsorted(xs, v.contiguous(), right=True).clamp(1, n - 1)
+    x0, x1, y0, y1 = xs.gather(1, i - 1), xs.gather(1, i), ys.gather(1, i - 1), ys.gather(1, i)
+    frac = ((v - x0) / (x1 - x0).clamp_min(torch.finfo(xs.dtype).tiny)).clamp(0, 1)
+    out = torch.where(v >= xs[:, -1:], ys[:, -1:], y0 + frac * (y1 - y0))
+    return torch.where(v <= xs[:, :1], ys[:, :1], out)
+
+
+def bezier_draw(b: int, invert_rate: float, g, device):
+    """Two random control points with sorted coordinates (monotone curve), and which curves decrease."""
+    u = _rand((b, 2, 2), g, device, torch.float64).sort(dim=-1).values
+    return u[:, 0], u[:, 1], _coin(b, invert_rate, g, device)
+
+
+def bezier_map(x: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, decreasing: torch.Tensor) -> torch.Tensor:
+    """Map intensities through each image's Bézier curve (``1 - curve`` where ``decreasing``): a
+    monotone map of [0, 1] onto [0, 1]."""
+    xs, ys = bezier_curves(cx, cy)
+    ys = torch.where(decreasing[:, None], 1.0 - ys, ys)
+    b = x.shape[0]
+    return interp(x.reshape(b, -1), xs.to(x.dtype), ys.to(x.dtype)).reshape(x.shape)
+
+
+def box_draw(b: int, size: int, lo: int, hi: int, k: int, g, device, margin: int = 3):
+    """``k`` random intervals per image, length in [lo, hi], kept ``margin`` px off the border when
+    they fit with it: ``(start, length)`` int64 [B, k]."""
+    lo = max(1, min(lo, size))
+    hi = max(lo, min(hi, size))
+    length = _randint(lo, hi, (b, k), g, device)
+    m = torch.where(size - length - 2 * margin >= 0, margin, 0)
+    return _randint(m, size - length - m, (b, k), g, device), length
+
+
+def box_union(h: int, w: int, y: torch.Tensor, bh: torch.Tensor, x: torch.Tensor, bw: torch.Tensor,
+              active: torch.Tensor) -> torch.Tensor:
+    """Union of the active boxes (all [B, k]) as a bool mask [B, 1, H, W]."""
+    rows = torch.arange(h, device=y.device)
+    cols = torch.arange(w, device=y.device)
+    in_r = (rows >= y[..., None]) & (rows < (y + bh)[..., None])               # [B, k, H]
+    in_c = (cols >= x[..., None]) & (cols < (x + bw)[..., None]) & active[..., None]
+    return (in_r[..., :, None] & in_c[..., None, :]).any(dim=1, keepdim=True)
+
+
+def paint_draw(b: int, h: int, w: int, g, device, outer: bool, max_boxes: int = 5, p_continue: float = 0.95):
+    """Boxes of in-painting (``outer=False``: 1/6..1/3 of each side; a box is added with
+    ``p_continue`` while the previous one was, so possibly none) or out-painting (``outer=True``:
+    3/7..4/7; the first box always).  Returns ``(y, bh, x, bw, active)`` [B, max_boxes]."""
+    if outer:
+        y, bh = box_draw(b, h, h - 4 * h // 7, h - 3 * h // 7, max_boxes, g, device)
+        x, bw = box_draw(b, w, w - 4 * w // 7, w - 3 * w // 7, max_boxes, g, device)
+    else:
+        y, bh = box_draw(b, h, h // 6, h // 3, max_boxes, g, device)
+        x, bw = box_draw(b, w, w // 6, w // 3, max_boxes, g, device)
+    go = _rand((b, max_boxes), g, device) < p_continue
+    if outer:
+        go[:, 0] = True
+    return y, bh, x, bw, go.cumprod(dim=1).bool()
+
+
+def paint(x: torch.Tensor, noise: torch.Tensor, inner: torch.Tensor, kept: torch.Tensor,
+          inpaint: torch.Tensor, outpaint: torch.Tensor) -> torch.Tensor:
+    """In-painting (noise in the ``inner`` boxes) where ``inpaint``, out-painting (noise outside the
+    ``kept`` boxes) where ``outpaint``; masks [B, 1, H, W], flags [B]."""
+    fill = (inner & inpaint.view(-1, 1, 1, 1)) | (~kept & outpaint.view(-1, 1, 1, 1))
+    return torch.where(fill, noise, x)
+
+
+@dataclass
+class GenesisCorruption:
+    """``genesis:`` -- the combined corruption with the Models Genesis default probabilities.
+
+    In the order and with the defaults of the authors' released configuration (``flip_rate``
+    0.4, ``local_rate`` 0.5, ``nonlinear_rate`` 0.9, ``paint_rate`` 0.9, ``inpaint_rate`` 0.2
+    of the painted images): flips (input, target and valid mask), local pixel shuffling
+    (``local_blocks`` blocks), Bézier intensity mapping (decreasing with
+    ``nonlinear_invert_rate``), in- or out-painting with uniform noise.
+    """
+
+    flip_rate: float = 0.4
+    local_rate: float = 0.5
+    local_blocks: int = 1000
+    nonlinear_rate: float = 0.9
+    nonlinear_invert_rate: float = 0.5
+    paint_rate: float = 0.9
+    inpaint_rate: float = 0.2
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "GenesisCorruption":
+        m = cfg.get("genesis", {}) or {}
+        kw = {k: type(getattr(cls, k))(m[k]) for k in cls.__dataclass_fields__ if k in m}
+        for k, v in kw.items():
+            if k.endswith("_rate") and not 0.0 <= v <= 1.0:
+                raise UserError(f"genesis.{k}={v}: a probability must be in [0, 1]")
+        return cls(**kw)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator | None, valid: torch.Tensor | None = None):
+        """``(corrupted, target, valid)`` for a batch [B, C, H, W] in [0, 1] (float32).
+
+        ``target`` is the (possibly flipped) clean image and ``valid`` the equally flipped mask
+        (None when not given); the other steps ignore the mask, as before: letterbox padding is
+        shuffled and painted like the image, and the loss skips it.
+        """
+        b, _, h, w = x.shape
+        dev = x.device
+        target, valid = x.float(), (None if valid is None else valid.bool())
+        if self.flip_rate > 0:  # a step whose probability is 0 is skipped, its draws too
+            rows, cols = flip_draw(b, self.flip_rate, g, dev)
+            target = flip_images(target, rows, cols)
+            valid = None if valid is None else flip_images(valid, rows, cols)
+        y = target
+        if self.local_rate > 0 and self.local_blocks > 0:
+            y = local_pixel_shuffle(y, _coin(b, self.local_rate, g, dev), self.local_blocks, g)
+        if self.nonlinear_rate > 0:
+            on = _coin(b, self.nonlinear_rate, g, dev)
+            cx, cy, dec = bezier_draw(b, self.nonlinear_invert_rate, g, dev)
+            y = torch.where(on.view(-1, 1, 1, 1), bezier_map(y, cx, cy, dec), y)
+        if self.paint_rate > 0:
+            painted, inner = _coin(b, self.paint_rate, g, dev), _coin(b, self.inpaint_rate, g, dev)
+            box_in, box_out = paint_draw(b, h, w, g, dev, outer=False), paint_draw(b, h, w, g, dev, outer=True)
+            y = paint(y, _rand(y.shape, g, dev), box_union(h, w, *box_in), box_union(h, w, *box_out),
+                      painted & inner, painted & ~inner)
+        return y, target, valid
