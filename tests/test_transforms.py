@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from radpretrain.errors import UserError
 from radpretrain.transforms import (
-    GenesisCorruption, GreyAugment, ViewPair, bezier_draw, bezier_map, box_union, finetune_augment, flip_draw,
-    flip_images, interp, local_pixel_shuffle, paint, paint_draw, random_resized_crop_flip, shuffle_block_draw,
-    shuffle_blocks,
+    GenesisCorruption, GreyAugment, ViewPair, bezier_curves, bezier_draw, bezier_map, box_draw, box_union,
+    finetune_augment, flip_draw, flip_images, interp, local_pixel_shuffle, paint, paint_draw,
+    random_resized_crop_flip, shuffle_block_draw, shuffle_blocks,
 )
 
 
@@ -449,8 +449,6 @@ def test_interp_equals_numpy_and_bezier_map_is_per_image():
     cx, cy, dec = bezier_draw(6, 0.5, _gen(2), "cpu")
     x = _images(b=6)
     out = bezier_map(x, cx, cy, dec)
-    from radpretrain.transforms import bezier_curves
-
     xs, ys = bezier_curves(cx, cy)
     ys = torch.where(dec[:, None], 1 - ys, ys)
     for i in range(6):
@@ -526,8 +524,6 @@ def test_out_painting_keeps_its_boxes():
 
 
 def test_box_draw_drops_the_margin_when_the_box_does_not_fit():
-    from radpretrain.transforms import box_draw
-
     start, length = box_draw(2000, 8, 6, 8, 1, _gen(0), "cpu")
     assert (start >= 0).all() and (start + length <= 8).all() and (length >= 6).all()
     assert (start == 0).any() and ((start + length) == 8).any()
