@@ -148,13 +148,11 @@ def build_method(method: str, cfg: dict, store, device: torch.device):
 
 
 def fixed_batch(m, cfg: dict, store, rows: np.ndarray, device: torch.device) -> dict:
-    """One training batch (the loader's CPU path, the method's per-sample transform applied), on the device."""
+    """One training batch (the loader's CPU path), on the device; a method's own corruptions and views run in its step."""
     bs = int(cfg["data"]["batch_size"])
     ds = StoreDataset(store, np.resize(rows, bs), image_size=int(cfg["data"]["image_size"]), resize="letterbox",
                       fields=tuple(m.fields), transform=m.sample_transform())
     batch = torch.utils.data.default_collate([ds[i] for i in range(bs)])
-    if getattr(m, "method_name", "") == "genesis" and "corrupted" not in batch:
-        batch = m.corrupt_batch(batch)
     if getattr(m, "method_name", "") == "deepcluster":  # pseudo-labels for every store row
         g = torch.Generator().manual_seed(0)
         m.row_label = torch.randint(0, m.num_clusters, (len(store),), generator=g).to(device)

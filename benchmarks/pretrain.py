@@ -5,7 +5,8 @@
 Measures (CPU unless --device cuda):
 
 - ``methods``: training images/s (forward + backward + AdamW step) of MAE (vit_tiny, patch 8 at
-  64 px / 16 at 128 px), SimCLR and metadata (tf_efficientnet_lite0) at 64 and 128 px;
+  64 px / 16 at 128 px), SimCLR, metadata and Models Genesis (U-Net on tf_efficientnet_lite0,
+  200 shuffled blocks as ``genesis_cpu``; its corruptions run in the step) at 64 and 128 px;
   SimCLR counts images, not views (two views per image);
 - ``mae_vs_full``: MAE train step time / the same ViT's train step on all tokens
   (target <= 0.35 at mask ratio 0.75); the two are interleaved and medians compared, so a
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     from radpretrain.data.dataset import StoreDataset
     from radpretrain.data.store import Store
     from radpretrain.synthetic.toy import make_toy_store
+    from radpretrain.methods.genesis import Genesis
     from radpretrain.methods.mae import MAE
     from radpretrain.methods.metadata import MetadataSupervised
     from radpretrain.methods.simclr import SimCLR
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
                                 "simclr": {"hidden_dim": 512}}),
             "metadata": (MetadataSupervised, {"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "imagenet"},
                                               "augment": {"enabled": True}}),
+            "genesis": (Genesis, {"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "imagenet"},
+                                  "genesis": {"local_blocks": 200}}),
         }
         for name, (cls, extra) in specs.items():
             cfg = {"seed": 0, "data": {"image_size": size, "mean": 0.3, "std": 0.2}, **extra}

@@ -13,7 +13,8 @@ from radpretrain.evaluate.device import ImageFeeder, Runtime, choose_feed, resol
 from radpretrain.evaluate.features import extract_features
 from radpretrain.evaluate.inits import InitEncoder
 from radpretrain.evaluate.metrics import metric_value
-from radpretrain.evaluate.protocols import augment_batch, augment_on_device, finetune
+from radpretrain.evaluate.protocols import finetune
+from radpretrain.transforms import finetune_augment
 
 GPU_LIKE = Runtime(torch.device("cpu"), torch.bfloat16, True, "cpu standing in for a GPU")
 
@@ -100,15 +101,16 @@ def test_feeder_modes_give_the_same_batches(mode):
 
 # -- the training step's pieces ---------------------------------------------------------------------
 
-def test_augment_on_device_draws_where_the_batch_is():
-    """On a non-CPU device every tensor of the augmentation follows the batch's device (meta here:
-    a CPU tensor anywhere in it would have failed to mix), and the shape is kept."""
+def test_finetune_augment_keeps_the_batch_on_its_device():
+    """On a non-CPU device the augmented batch stays where it is (meta here: a CPU tensor mixed into
+    it would have failed), draws come from the generator's device, and the shape is kept; the same
+    generator state gives the same batch."""
     o = {"flip": True, "rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1}
     x = torch.rand(6, 1, 16, 16)
-    out = augment_on_device(x.to("meta"), o, torch.Generator())
+    out = finetune_augment(x.to("meta"), o, torch.Generator())
     assert out.device.type == "meta" and out.shape == x.shape
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(augment_on_device(x, o, g1), augment_batch(x, o, g2))  # CPU: augment_batch itself
+    assert torch.equal(finetune_augment(x, o, g1), finetune_augment(x, o, g2))
 
 
 def test_runtime_autocast_fused_adamw_and_generator():
@@ -250,6 +252,6 @@ def test_on_cuda_features_match_the_cpu_within_bf16_rounding():
     gpu = extract_features(_make(), ImageFeeder(imgs, rt.device), batch_size=16, runtime=rt)
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 0.05
     x = torch.rand(6, 1, 16, 16, device=rt.device)
-    out = augment_on_device(x, {"rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1},
-                            torch.Generator(device=rt.device).manual_seed(0))
+    out = finetune_augment(x, {"rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1},
+                           torch.Generator(device=rt.device).manual_seed(0))
     assert out.device == x.device and out.shape == x.shape and 0 <= float(out.min()) <= float(out.max()) <= 1

@@ -8,7 +8,8 @@ from torch import nn
 from radpretrain.evaluate.inits import InitEncoder
 from radpretrain.evaluate.metrics import metric_value
 from radpretrain.evaluate.features import extract_features
-from radpretrain.evaluate.protocols import augment_batch, finetune, knn_probe, linear_probe
+from radpretrain.evaluate.protocols import finetune, knn_probe, linear_probe
+from radpretrain.transforms import finetune_augment
 
 
 def _planted(n, d=32, seed=0, n_classes=2):
@@ -126,10 +127,10 @@ def test_finetune_lr_sweep_is_chosen_on_validation():
     assert r.chosen["lr"] == best["lr"]
 
 
-def test_augment_batch_keeps_range_and_shape():
+def test_finetune_augment_keeps_range_and_shape():
     x = torch.rand(6, 1, 32, 32)
     g = torch.Generator().manual_seed(0)
-    out = augment_batch(x, {"flip": True, "rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1}, g)
+    out = finetune_augment(x, {"flip": True, "rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1}, g)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x)
 

@@ -13,9 +13,10 @@ from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
 from radpretrain.methods import get_method
 from radpretrain.methods.deepcluster import (
-    ClusterUniformSampler, cluster_size_stats, fix_empty_clusters, nmi, pca_whiten_l2, random_resized_crop_flip,
-    run_kmeans, uniform_cluster_weights,
+    ClusterUniformSampler, cluster_size_stats, fix_empty_clusters, nmi, pca_whiten_l2, run_kmeans,
+    uniform_cluster_weights,
 )
+from radpretrain.transforms import random_resized_crop_flip
 
 
 def blobs(n_per=40, k=8, d=64, seed=0, spread=0.3):

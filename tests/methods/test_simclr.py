@@ -5,7 +5,8 @@ import torch
 
 from radpretrain.data.dataset import StoreDataset
 from radpretrain.synthetic.toy import make_toy_store
-from radpretrain.methods.simclr import GreyAugment, SimCLR
+from radpretrain.methods.simclr import SimCLR
+from radpretrain.transforms import GreyAugment
 
 CFG = {"seed": 0, "data": {"image_size": 32, "mean": 0.3, "std": 0.2},
        "model": {"backbone": "resnet18", "pretrained": "none"},

@@ -37,6 +37,7 @@ from torch import nn
 from radpretrain.errors import UserError
 from radpretrain.evaluate.device import ImageFeeder, Runtime, to_float
 from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, metric_value, primary_metric
+from radpretrain.transforms import finetune_augment
 from radpretrain.utils import get_logger
 
 log = get_logger("evaluate")
@@ -184,32 +185,6 @@ def _as_list(v) -> list:
 
 # -- fine-tuning ------------------------------------------------------------------
 
-def augment_batch(x: torch.Tensor, o: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random flip, small rotation + scale crop, brightness/contrast on a [B, 1, S, S] batch in [0, 1]."""
-    b = x.shape[0]
-    if o.get("flip", True):
-        flip = torch.rand(b, generator=gen) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    rot = float(o.get("rotate", 0.0))
-    crop = float(o.get("crop", 0.0))
-    if rot > 0 or crop > 0:
-        ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(rot)
-        scale = 1 - torch.rand(b, generator=gen) * crop          # zoom in by up to `crop`
-        tx = (torch.rand(b, generator=gen) * 2 - 1) * crop
-        ty = (torch.rand(b, generator=gen) * 2 - 1) * crop
-        cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
-        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    br, ct = float(o.get("brightness", 0.0)), float(o.get("contrast", 0.0))
-    if br > 0 or ct > 0:
-        c = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * ct
-        d = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * br
-        m = x.mean(dim=(2, 3), keepdim=True)
-        x = ((x - m) * c + m + d).clamp_(0, 1)
-    return x
-
-
 class Classifier(nn.Module):
     """Encoder (an :class:`~radpretrain.evaluate.inits.InitEncoder`) plus a linear head."""
 
@@ -263,18 +238,6 @@ def _predict(model, feeder: ImageFeeder, idx, batch_size, rt: Runtime) -> torch.
     return torch.cat(outs) if outs else torch.zeros(0, model.head.out_features, device=rt.device)
 
 
-def augment_on_device(x: torch.Tensor, o: dict, gen: torch.Generator) -> torch.Tensor:
-    """:func:`augment_batch` with its random draws made on ``x``'s device (``gen`` must live there).
-
-    Its factory calls (``torch.rand``) follow the default device, which is set to ``x``'s here,
-    so the whole batch is augmented where it is; on the CPU this is ``augment_batch`` itself.
-    """
-    if x.device.type == "cpu":
-        return augment_batch(x, o, gen)
-    with torch.device(x.device):
-        return augment_batch(x, o, gen)
-
-
 def _n_batches(n: int, batch_size: int, min_size: int = 2) -> int:
     return n // batch_size + (1 if n % batch_size >= min_size else 0)
 
@@ -323,7 +286,7 @@ def _train_one(make_encoder: Callable, task, n_classes, feeder: ImageFeeder, y, 
         for b in feeder.batches(order, bs, min_size=2):  # BatchNorm cannot train on one sample
             x = b.x
             if o.get("augment", True):
-                x = augment_on_device(x, o, aug_gen)
+                x = finetune_augment(x, o, aug_gen)
             with rt.autocast():
                 out = model(x)
             loss = loss_fn(out.float(), yt[b.index_t])

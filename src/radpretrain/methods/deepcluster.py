@@ -27,13 +27,13 @@ filter; the features are the backbone's pooled features (``num_classes=0``) rath
 than the output of an extra MLP; PCA-whitening uses numpy (or torch on the device); the classifier is
 re-initialised in place (its optimiser state is cleared) instead of being a new
 module, so one optimiser covers the whole model.  Augmentation (random resized
-crop and horizontal flip) runs in torch on the batch, on the training device.
+crop and horizontal flip, :func:`radpretrain.transforms.random_resized_crop_flip`) runs in
+torch on the batch, on the training device.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from radpretrain.data.geometry import finish_batch
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
 from radpretrain.settings import probability
+from radpretrain.transforms import random_resized_crop_flip
 from radpretrain.utils import get_logger
 
 log = get_logger("methods.deepcluster")
@@ -208,38 +209,6 @@ class ClusterUniformSampler(torch.utils.data.Sampler):
             return
         w = torch.as_tensor(uniform_cluster_weights(labels, self.method.num_clusters))
         yield from torch.multinomial(w, self.n, replacement=True, generator=g).tolist()
-
-
-# --------------------------------------------------------------------------- augmentation
-def random_resized_crop_flip(x: torch.Tensor, valid: torch.Tensor | None = None, scale=(0.4, 1.0),
-                             ratio=(3 / 4, 4 / 3), hflip: float = 0.5, generator: torch.Generator | None = None):
-    """Per-sample random resized crop + horizontal flip of a batch [B, C, H, W] (output same size).
-
-    The crop covers ``scale`` of the image area with aspect ``ratio``; ``valid`` (bool)
-    follows the same geometry (nearest neighbour).
-    """
-    b = x.shape[0]
-    dev = x.device
-    u = torch.rand(b, 5, generator=generator, device="cpu" if generator is None else generator.device).to(dev)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    r = torch.exp(logr)
-    w = torch.sqrt(area * r).clamp(max=1.0)
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (2 * u[:, 2] - 1) * (1 - w)
-    cy = (2 * u[:, 3] - 1) * (1 - h)
-    flip = torch.where(u[:, 4] < hflip, -1.0, 1.0).to(dev)
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if valid is None:
-        return out, None
-    v = F.grid_sample(valid.to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
-    return out, v
 
 
 # --------------------------------------------------------------------------- the method
@@ -507,7 +476,7 @@ class DeepCluster(PretrainMethod):
         if int(idx.max()) >= table.numel() or bool((table[idx] < 0).any()):
             raise RuntimeError("DeepCluster: a training image has no cluster (was the dataset changed mid-epoch?)")
         target = table[idx]
-        g = self.step_generator(batch_idx, device="cpu")
+        g = self.step_generator(batch_idx, device=batch["image"].device)
         x, _ = random_resized_crop_flip(batch["image"], None, self.crop_scale, hflip=self.hflip, generator=g)
         logits = self.head(self.encoder(self.normalize(x)))
         loss = F.cross_entropy(logits.float(), target)

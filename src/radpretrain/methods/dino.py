@@ -13,7 +13,7 @@ momentum going from ``dino.momentum_teacher`` to 1 along a cosine over the run's
 (lightly's ``cosine_schedule``).  The last layer of the student head is frozen for the
 first ``dino.freeze_last_layer`` epochs, as in the paper.
 
-Views are grey :class:`~radpretrain.methods.simclr.GreyAugment` views (keys under
+Views are grey :class:`~radpretrain.transforms.GreyAugment` views (keys under
 ``augment.``; local views: ``dino.local_crop_scale`` at ``dino.local_size`` px) drawn
 from the step's seeded generator, so a resumed run sees the same views.
 
@@ -40,8 +40,8 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
-from radpretrain.methods.simclr import AugmentSection, GreyAugment
 from radpretrain.settings import probability
+from radpretrain.transforms import AugmentSection, GreyAugment
 
 
 @dataclass

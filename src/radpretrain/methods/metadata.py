@@ -29,7 +29,7 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import PretrainMethod, register, save_image_grid
-from radpretrain.methods.simclr import AugmentSection
+from radpretrain.transforms import GreyAugment, MetadataAugmentSection
 from radpretrain.utils import get_logger
 
 log = get_logger("methods.metadata")
@@ -80,11 +80,6 @@ class MetadataSection:
     head_weights: dict = field(default_factory=dict)
 
 
-@dataclass
-class MetadataAugmentSection(AugmentSection):
-    enabled: bool = True
-
-
 @register("metadata")
 class MetadataSupervised(PretrainMethod):
     config_sections = {"metadata": MetadataSection, "augment": MetadataAugmentSection}
@@ -93,7 +88,6 @@ class MetadataSupervised(PretrainMethod):
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
         from radpretrain.data.store import Store
-        from radpretrain.methods.simclr import GreyAugment
         from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
 
         if store is None:
