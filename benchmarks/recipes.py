@@ -107,8 +107,19 @@ recipe("simclr_crop20", "simclr", "simclr_cpu", "augment.crop_scale=[0.2,1.0]", 
 recipe("simclr_noblur", "simclr", "simclr_cpu", "augment.blur_p=0.0", cost_as="simclr_cpu", note="no blur")
 recipe("simclr_lr1e3", "simclr", "simclr_cpu", "optim.lr=1.0e-3", cost_as="simclr_cpu", note="lr 1e-3")
 recipe("simclr_t02", "simclr", "simclr_cpu", "simclr.temperature=0.2", cost_as="simclr_cpu", note="temperature 0.2")
+recipe("simclr_geo", "simclr", "simclr_cpu", "augment.brightness=0.0", "augment.contrast=0.0", "augment.gamma=[1.0,1.0]",
+       "augment.blur_p=0.0", cost_as="simclr_cpu",
+       note="geometric views only: crops, flips, rotation, noise; no intensity changes, no blur")
+recipe("simclr_lr1e4", "simclr", "simclr_cpu", "optim.lr=1.0e-4", cost_as="simclr_cpu", note="lr 1e-4")
 recipe("simclr_lite1", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite1", note="lite1 ImageNet start")
 recipe("simclr_lite2", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite2", note="lite2 ImageNet start")
+# controls: only the BatchNorm running statistics change (lr 0), on augmented views or on plain images
+recipe("bn_views", "simclr", "simclr_cpu", "optim.lr=0.0", cost_as="simclr_cpu",
+       note="control: lr 0, BatchNorm statistics re-estimated on SimCLR's augmented views")
+recipe("bn_plain", "simclr", "simclr_cpu", "optim.lr=0.0", "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]",
+       "augment.rotation=0.0", "augment.hflip=0.0", "augment.brightness=0.0", "augment.contrast=0.0",
+       "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0", "augment.noise_p=0.0", cost_as="simclr_cpu",
+       note="control: lr 0, BatchNorm statistics re-estimated on plain corpus images (AdaBN)")
 recipe("dino_frozenbn", "dino", "dino_cpu", "model.freeze_bn_stats=true", cost_as="dino_cpu",
        note="DINO, BatchNorm keeps the ImageNet statistics")
 
@@ -264,25 +275,46 @@ def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extr
             "--out", str(out), *run_overrides(name, steps, seed, extra)]
 
 
+def wait_idle(min_idle: float = 1.5, max_wait_s: float = 3600) -> float | None:
+    """Wait (up to ``max_wait_s``, then go on) until ``min_idle`` cores were idle for 3 s; the idle cores seen."""
+    from radpretrain.utils import idle_cpus
+
+    t0 = time.time()
+    idle = idle_cpus(3.0)
+    while idle is not None and idle < min_idle and time.time() - t0 < max_wait_s:
+        time.sleep(20)
+        idle = idle_cpus(3.0)
+    return idle
+
+
 def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
-    """Seconds per step of a recipe: two runs (``short`` and ``long`` steps), the difference of their times."""
+    """Seconds per step of a recipe: two runs (``short`` and ``long`` steps), the difference of their times.
+
+    The machine is shared: each of the two runs starts only when ~2 cores are idle (``wait_idle``),
+    and the idle cores seen before each are recorded.
+    """
     cal_path = work / "calibration.json"
     cal = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
     if name in cal:
         return cal[name]
     corpus = work / "stores" / "corpus-nt"
     res = {}
+    flag = work / "calibrating"  # tells a second job runner of the study not to start anything now
+    flag.write_text(name)
     for n in (short, long):
+        idle = wait_idle()
         out = work / "calib" / f"{name}-{n}"
         shutil.rmtree(out, ignore_errors=True)
         res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0), work, "calibrate", name,
-                             work / "logs" / "calibrate.log", steps=n)
+                             work / "logs" / "calibrate.log", steps=n, idle_cores_before=idle)
         shutil.rmtree(out, ignore_errors=True)
+    flag.unlink(missing_ok=True)
     d = long - short
     cal[name] = {"s_per_step_wall": round((res[long]["wall_s"] - res[short]["wall_s"]) / d, 3),
                  "s_per_step_cpu": round((res[long]["cpu_s"] - res[short]["cpu_s"]) / d, 3),
                  "fixed_wall_s": round(res[short]["wall_s"] - short * (res[long]["wall_s"] - res[short]["wall_s"]) / d, 1),
                  "load_before": [res[short]["load_before"], res[long]["load_before"]],
+                 "idle_cores_before": [res[short].get("idle_cores_before"), res[long].get("idle_cores_before")],
                  "measured": res[long]["started"], "steps": [short, long]}
     cal_path.write_text(json.dumps(cal, indent=1))
     return cal[name]
@@ -312,6 +344,51 @@ def pretrain_run(work: Path, name: str, minutes: float, seed: int, corpus: str =
         ck.unlink()
     return out
 
+
+
+def bn_recalibrate(run: Path, n_images: int = 1024, batch: int = 64, seed: int = 0) -> Path:
+    """A copy of a run's encoder whose BatchNorm running statistics are re-estimated (cumulative
+    average, no weight change) on ``n_images`` plain, un-augmented images of the run's own corpus:
+    a study probe of the BatchNorm question; written beside the run as ``RUN-bnplain``."""
+    import torch
+
+    from radpretrain.data.dataset import StoreDataset
+    from radpretrain.data.store import Store
+    from radpretrain.models.weights import load_run_encoder, save_encoder
+
+    out = run.parent / f"{run.name}-bnplain"
+    if (out / "encoder.safetensors").is_file():
+        return out
+    t0, c0 = time.time(), time.process_time()
+    model, meta = load_run_encoder(run)
+    cfg = _run_config(run)
+    store = Store(cfg["data"]["root"])
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(store.images), size=min(n_images, len(store.images)), replace=False))
+    ds = StoreDataset(store, rows, image_size=int(cfg["data"]["image_size"]), resize="letterbox")
+    mean, std = float(meta["preprocessing"]["mean"]), float(meta["preprocessing"]["std"])
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.eval()
+    for m in bns:
+        m.train()
+    with torch.no_grad():
+        for s in range(0, len(ds), batch):
+            x = torch.stack([ds[i]["image"] for i in range(s, min(s + batch, len(ds)))])
+            model((x - mean) / std)
+    for m in bns:
+        m.momentum = 0.1
+    meta = {**meta, "bn_recalibrated": {"images": int(len(rows)), "source": "plain corpus images"}}
+    save_encoder(model, meta, out)
+    shutil.copy(run / "config.yaml", out / "config.yaml")
+    entry = {"kind": "bn_recalibrate", "name": out.name, "command": f"recipes.bn_recalibrate({run.name})",
+             "rc": 0, "cpu_s": round(time.process_time() - c0, 1), "wall_s": round(time.time() - t0, 1),
+             "corpus": run.parent.name, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0))}
+    with open(WORK / "ledger.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return out
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -476,10 +553,10 @@ def run_compute(run: Path) -> dict:
 
 
 def do_run(name: str, minutes: float, seeds, corpus: str, parts, tasks, n_boot: int, protocols=("linear",),
-           fractions=FRACTIONS) -> list[dict]:
+           fractions=FRACTIONS, steps: int | None = None) -> list[dict]:
     recs = []
     for seed in seeds:
-        run = pretrain_run(WORK, name, minutes, seed, corpus)
+        run = pretrain_run(WORK, name, minutes, seed, corpus, steps=steps)
         for part in parts:
             for task in tasks:
                 rec = result_of(run, task, part, n_boot, protocols, fractions)
@@ -498,6 +575,32 @@ def brief(rec: dict) -> str:
             parts.append(f"{r['protocol']}@{r['fraction']:g} {im['value']:.3f} ({im['delta']:+.3f} "
                          f"[{im['ci'][0]:+.3f},{im['ci'][1]:+.3f}])")
     return f"{rec['part']}/{rec['task']} {rec['run']} ({rec['corpus']}): " + "; ".join(parts)
+
+
+
+def table(filter_part: str | None = None) -> list[dict]:
+    """The latest record of every (run, corpus, part, task), compact."""
+    latest = {}
+    path = WORK / "results.jsonl"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        r = json.loads(line)
+        latest[(r["run"], r["corpus"], r["part"], r["task"])] = r
+    rows = []
+    for (run, corpus, part, task), r in latest.items():
+        if filter_part and part != filter_part:
+            continue
+        row = {"run": run, "corpus": corpus, "part": part, "task": task, "steps": r.get("steps"),
+               "cpu_s": r.get("compute", {}).get("cpu_s"), "wall_s": r.get("compute", {}).get("wall_s")}
+        for x in r["rows"]:
+            ref = "imagenet" if "imagenet" in x else "imagenet_lite0"
+            if ref in x:
+                d = x[ref]
+                row[f"{x['protocol']}@{x['fraction']:g}"] = [round(d["value"], 3), round(d["delta"], 3),
+                                                            round(d["ci"][0], 3), round(d["ci"][1], 3)]
+            if "imagenet_lite0" in x and ref != "imagenet_lite0":
+                row[f"{x['protocol']}@{x['fraction']:g}_vs_lite0"] = round(x["imagenet_lite0"]["delta"], 3)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -525,6 +628,16 @@ def main(argv=None) -> int:
     r.add_argument("--protocols", nargs="+", default=["linear"])
     r.add_argument("--fractions", default=FRACTIONS)
     r.add_argument("--n-boot", type=int, default=300)
+    r.add_argument("--steps", type=int, default=None, help="fixed step count instead of the budget's")
+    rb = sub.add_parser("recal", help="evaluate a run after re-estimating its BatchNorm statistics on plain images")
+    rb.add_argument("runs", nargs="+", help="run folder names under WORK/runs/CORPUS")
+    rb.add_argument("--corpus", choices=("nt", "tr"), default="nt")
+    rb.add_argument("--parts", nargs="+", default=["dev"])
+    rb.add_argument("--tasks", nargs="+", default=["knee", "chest"])
+    rb.add_argument("--n-boot", type=int, default=300)
+    t = sub.add_parser("table", help="every evaluated run (latest record), value and difference to ImageNet")
+    t.add_argument("--part", default=None)
+    t.add_argument("--text", action="store_true", help="also print a readable table on stderr")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     global WORK
@@ -543,8 +656,28 @@ def main(argv=None) -> int:
         if a.recipe not in R:
             sys.exit(f"recipes: unknown recipe {a.recipe!r} (known: {', '.join(R)})")
         recs = do_run(a.recipe, a.minutes, a.seeds, a.corpus, a.parts, a.tasks, a.n_boot, tuple(a.protocols),
-                      a.fractions)
+                      a.fractions, a.steps)
         out["runs"] = [{k: v for k, v in x.items()} for x in recs]
+    elif a.cmd == "recal":
+        out["runs"] = []
+        for name in a.runs:
+            run = bn_recalibrate(WORK / "runs" / a.corpus / name)
+            for part in a.parts:
+                for task in a.tasks:
+                    rec = result_of(run, task, part, a.n_boot)
+                    rec.update(recipe=_recipe_of(run) + "+bnplain", minutes=None, seed=None,
+                               compute=run_compute(WORK / "runs" / a.corpus / name))
+                    record(rec)
+                    say(brief(rec))
+                    out["runs"].append(rec)
+    elif a.cmd == "table":
+        out["table"] = table(a.part)
+        if a.text:
+            for row in out["table"]:
+                cells = [f"{k}: {v[0]:.3f} ({v[1]:+.3f} [{v[2]:+.3f},{v[3]:+.3f}])" for k, v in row.items()
+                         if isinstance(v, list)]
+                print(f"{row['part']}/{row['task']:5s} {row['corpus']} {row['run']:28s} steps {row['steps']} "
+                      f"cpu {row['cpu_s']} s | " + " | ".join(cells), file=sys.stderr)
     print(json.dumps(out))
     return 0
 
