@@ -12,6 +12,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# a pretraining run's compute spent (wall seconds, steps, images seen, device): written by the engine at
+# the end of a run, read by evaluate (recorded per run init) and compare
+COMPUTE_FILE = "compute.json"
+
 TRACKED_PACKAGES = (
     "radpretrain", "torch", "torchvision", "timm", "lightning", "lightly", "numpy", "pandas",
     "pyarrow", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "faiss-cpu",
@@ -27,6 +31,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name; ``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -21,10 +21,8 @@ pinned feeder on the CPU), so CI covers the logic without a GPU.
 from __future__ import annotations
 
 import contextlib
-import platform
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -33,23 +31,13 @@ from torch import nn
 
 from radpretrain.errors import UserError
 from radpretrain.models.backbones import prefers_channels_last
+from radpretrain.utils import cpu_name
 
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # keep the images on the GPU when they take at most this share of its free memory
 DEVICE_SHARE = 0.25
 FEED_MODES = ("host", "device", "pinned")
-
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s model name; ``platform`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def resolve_device(spec: str | torch.device | None) -> tuple[torch.device, str]:

@@ -5,21 +5,21 @@
 ``finetune_history.json``) and writes
 
 - ``report.html``: opens offline; every figure is an embedded base64 PNG, the style
-  sheet is inline, there is no script;
+  sheet is inline, there is no script (the page helpers of :mod:`radpretrain.htmlpage`); the
+  only links are relative ones to the compared runs' own ``report.html``;
 - ``report.md`` + ``figures/*.png``: the same content for a repository or a paper draft.
 
 Contents: a verdict in words, the headline table (metric with 95 % CI, delta vs
-scratch and vs ImageNet with paired-bootstrap CI and p, DeLong p for AUC),
-label-efficiency curves, ROC curves, confusion matrices, fine-tuning loss curves,
+scratch and vs ImageNet with paired-bootstrap CI and p, DeLong p for AUC), init groups
+(several pretraining seeds of one recipe: mean, spread, seed-mean delta with CI), the
+pretraining runs compared (compute, links to their run reports), label-efficiency curves, ROC curves, confusion matrices, fine-tuning loss curves,
 per-fold values and the setup (data counts, splits, leakage check, seeds,
 versions).  See docs/report.md for how to read it.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
@@ -28,21 +28,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, METRIC_LABELS, primary_metric
+from radpretrain.htmlpage import count, duration, fmt, fmt_p, html_table, img, kv_table, link, md_table, page, png_bytes
 from radpretrain.utils import read_json
 
 COLORS = {"scratch": "#7f7f7f", "imagenet": "#1f77b4"}
 PALETTE = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;line-height:1.45;padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#f3f3f3}
-td.l,th.l{text-align:left}.better{color:#1a7f37;font-weight:600}.worse{color:#b42318;font-weight:600}
-.verdict{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.6em 1em;margin:1em 0}
-img{max-width:100%;height:auto}.small{color:#666;font-size:.85em}code{background:#f3f3f3;padding:0 .2em}
-"""
 
 
 def _color(init: str, inits: list[str]) -> str:
@@ -52,35 +42,23 @@ def _color(init: str, inits: list[str]) -> str:
     return PALETTE[others.index(init) % len(PALETTE)] if init in others else "#000"
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    return f"{v:.{digits}f}"
-
-
-def _fmt_p(p) -> str:
-    if p is None or not np.isfinite(p):
-        return "–"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _frac(f) -> str:
     return f"{float(f) * 100:g} %"
 
 
 # -- figures ---------------------------------------------------------------------------
 
-def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str]) -> Figure | None:
+def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str],
+                         groups: dict[str, list[str]] | None = None) -> Figure | None:
+    """Metric vs labelled share, one line per init (CI band); an init group: its seeds as thin lines, the
+    seed mean as a bold line with the seeds' min-max as its band."""
     pooled = results[(results["fold"] == "pooled") & (results["metric"] == metric)]
     protos = list(dict.fromkeys(pooled["protocol"]))
     if not protos:
         return None
+    groups = groups or {}
+    member = {m: g for g, ms in groups.items() for m in ms}
+    names = [i for i in inits if i not in member] + list(groups)  # one colour per single init and per group
     fig = Figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
     axes = fig.subplots(1, len(protos), squeeze=False)[0]
     for ax, proto in zip(axes, protos):
@@ -90,9 +68,20 @@ def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str]) -
             if not len(d):
                 continue
             x = d["fraction"].to_numpy(float) * 100
-            c = _color(init, inits)
+            if init in member:  # a seed of a group: thin, no band (the group's line carries the spread)
+                ax.plot(x, d["value"], marker=".", color=_color(member[init], names), lw=0.8, alpha=0.5)
+                continue
+            c = _color(init, names)
             ax.plot(x, d["value"], marker="o", color=c, label=init)
             ax.fill_between(x, d["ci_low"], d["ci_high"], color=c, alpha=0.15, linewidth=0)
+        for gname, ms in groups.items():
+            d = g[g["init"].isin(ms)].groupby("fraction")["value"].agg(["mean", "min", "max", "size"]).reset_index()
+            if not len(d):
+                continue
+            x = d["fraction"].to_numpy(float) * 100
+            c = _color(gname, names)
+            ax.plot(x, d["mean"], marker="o", color=c, lw=2.2, label=f"{gname} (mean of {int(d['size'].max())} seeds)")
+            ax.fill_between(x, d["min"], d["max"], color=c, alpha=0.15, linewidth=0)
         fr = sorted(g["fraction"].unique())
         if len(fr) > 1 and fr[-1] / fr[0] >= 5:
             ax.set_xscale("log")
@@ -103,7 +92,8 @@ def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str]) -
         ax.set_title(proto)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Label efficiency (pooled out-of-fold, 95 % CI by patient bootstrap)", fontsize=10)
+    fig.suptitle("Label efficiency (pooled out-of-fold, 95 % CI by patient bootstrap"
+                 + ("; groups: seed mean, band = min-max over seeds)" if groups else ")"), fontsize=10)
     return fig
 
 
@@ -262,9 +252,9 @@ def froc_table(froc: dict) -> tuple[list[str], list[list[str]]]:
     head = ["protocol", "labels", "init", "CPM [95 % CI]"] + [f"{_fps_label(p)} FP/scan" for p in pts]
     rows = []
     for r in froc["rows"]:
-        row = [r["protocol"], _frac(r["fraction"]), r["init"], f"{_fmt(r['cpm'])} [{_fmt(r['cpm_ci'][0])}, "
-               f"{_fmt(r['cpm_ci'][1])}]"]
-        row += [f"{_fmt(v, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+        row = [r["protocol"], _frac(r["fraction"]), r["init"], f"{fmt(r['cpm'])} [{fmt(r['cpm_ci'][0])}, "
+               f"{fmt(r['cpm_ci'][1])}]"]
+        row += [f"{fmt(v, 2)} [{fmt(lo, 2)}, {fmt(hi, 2)}]"
                 for v, lo, hi in zip(r["sensitivity"], r["ci_low"], r["ci_high"])]
         rows.append(row)
     return head, rows
@@ -301,11 +291,90 @@ def verdicts(summary: dict) -> list[str]:
                 word = "was worse than"
             else:
                 word = "was not distinguishable from"
-            parts.append(f"{word} {ref} (Δ {d:+.3f}, 95 % CI {lo:+.3f} to {hi:+.3f}, p {_fmt_p(p)})")
+            parts.append(f"{word} {ref} (Δ {d:+.3f}, 95 % CI {lo:+.3f} to {hi:+.3f}, p {fmt_p(p)})")
         if parts:
             out.append(f"{r['init']} / {r['protocol']} / {_frac(r['fraction'])} labels: "
                        f"{METRIC_LABELS.get(metric, metric)} {r['value']:.3f}; " + "; ".join(parts) + ".")
     return out
+
+
+def _significance(lo, hi, hib: bool) -> str:
+    if np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or hi < 0):
+        return "better" if (lo > 0) == hib else "worse"
+    return ""
+
+
+def group_verdicts(summary: dict) -> list[str]:
+    """One sentence per init group, protocol and fraction: seed mean and spread, seed-mean Δ vs the references."""
+    metric = primary_metric(summary["task"])
+    hib = HIGHER_IS_BETTER[metric]
+    words = {"better": "better than", "worse": "worse than", "": "not distinguishable from"}
+    out = []
+    for r in (summary.get("groups") or {}).get("rows", []):
+        parts = []
+        for ref, v in r["vs"].items():
+            lo, hi = v["ci"]
+            word = words[_significance(lo, hi, hib)] if np.isfinite(lo) else "could not be compared with"
+            parts.append(f"seed mean {word} {ref} (Δ {v['delta']:+.3f}, 95 % CI {lo:+.3f} to {hi:+.3f}, "
+                         f"p {fmt_p(v['p'])})")
+        out.append(f"{r['group']} ({r['n_seeds']} seeds) / {r['protocol']} / {_frac(r['fraction'])} labels: "
+                   f"{METRIC_LABELS.get(metric, metric)} mean {fmt(r['mean'])} (SD {fmt(r['sd'])}, "
+                   f"range {fmt(r['min'])}–{fmt(r['max'])})" + ("; " + "; ".join(parts) if parts else "") + ".")
+    return out
+
+
+def group_table(summary: dict) -> tuple[list[str], list[list]] | None:
+    """The init groups: seeds' mean, SD, min-max and own CIs, and the seed-mean Δ vs each reference."""
+    g = summary.get("groups")
+    if not g:
+        return None
+    metric = primary_metric(summary["task"])
+    hib = HIGHER_IS_BETTER[metric]
+    label = METRIC_LABELS.get(metric, metric)
+    refs = [r for r in ("scratch", "imagenet") if r in summary.get("inits", {})]
+    names = {"scratch": "scratch", "imagenet": "ImageNet"}
+    head = ["protocol", "labels", "group", "seeds", f"{label} mean", "SD", "min–max", "each seed [95 % CI]"]
+    for ref in refs:
+        head += [f"seed-mean Δ vs {names[ref]} [CI]", "p"]
+    rows = []
+    for r in g["rows"]:
+        row = [r["protocol"], _frac(r["fraction"]), r["group"], str(r["n_seeds"]), fmt(r["mean"]), fmt(r["sd"]),
+               f"{fmt(r['min'])}–{fmt(r['max'])}",
+               "; ".join(f"{fmt(x['value'])} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}]" for x in r["seeds"])]
+        for ref in refs:
+            v = r["vs"].get(ref)
+            if v is None:
+                row += ["–", "–"]
+                continue
+            lo, hi = v["ci"]
+            row += [(_significance(lo, hi, hib), f"{v['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]"), fmt_p(v["p"])]
+        rows.append(row)
+    return head, rows
+
+
+GROUP_NOTE = ("Several pretraining runs of one recipe (seeds), each evaluated as its own init on the same folds. "
+              "Mean, SD and min–max are over the seeds' pooled out-of-fold values, beside each seed's own 95 % CI "
+              "(patient bootstrap). The seed-mean Δ averages the seeds' paired differences with the reference; its "
+              "95 % CI and p come from one patient bootstrap shared by every seed and the reference (each resample "
+              "scores all of them), so it carries the test-set uncertainty of the average, not the spread between "
+              "seeds: read it beside the SD and the range.")
+
+
+def runs_table(summary: dict, markdown: bool = False) -> tuple[list[str], list[list]] | None:
+    """The pretraining runs compared: method, compute spent and a relative link to the run's ``report.html``."""
+    head = ["init", "group", "method", "steps", "images seen", "pretraining time", "device", "run report"]
+    rows = []
+    for name, v in summary.get("inits", {}).items():
+        if v.get("kind") != "run":
+            continue
+        c = v.get("compute") or {}
+        rep = v.get("run_report")
+        if rep:
+            rep = f"[report.html]({rep})" if markdown else link(rep, "report.html")
+        rows.append([name, v.get("group") or "–", v.get("method") or "–", count(c.get("steps")),
+                     count(c.get("images_seen")), duration(c.get("wall_seconds")),
+                     (c.get("device") or {}).get("name", "–"), rep or "–"])
+    return (head, rows) if rows else None
 
 
 def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -321,18 +390,18 @@ def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in summary.get("headline", []):
         row = [r["protocol"], _frac(r["fraction"]), r["init"],
-               f"{_fmt(r['value'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"]
+               f"{fmt(r['value'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"]
         for ref in refs:
             if f"delta_vs_{ref}" in r:
                 lo, hi = r[f"delta_vs_{ref}_ci"]
                 sig = ""
                 if np.isfinite(lo) and (lo > 0 or hi < 0):
                     sig = "better" if (lo > 0) == hib else "worse"
-                row += [(sig, f"{r[f'delta_vs_{ref}']:+.3f} [{lo:+.3f}, {hi:+.3f}]"), _fmt_p(r[f"p_vs_{ref}"])]
+                row += [(sig, f"{r[f'delta_vs_{ref}']:+.3f} [{lo:+.3f}, {hi:+.3f}]"), fmt_p(r[f"p_vs_{ref}"])]
             else:
                 row += ["–", "–"]
         if summary["task"] == "binary":
-            row += [_fmt_p(r.get(f"delong_p_vs_{ref}", np.nan)) for ref in refs]
+            row += [fmt_p(r.get(f"delong_p_vs_{ref}", np.nan)) for ref in refs]
         rows.append(row)
     return head, rows
 
@@ -382,34 +451,6 @@ def setup_items(summary: dict) -> list[tuple[str, str]]:
     return items
 
 
-def _html_table(head, rows) -> str:
-    h = "".join(f"<th class='l'>{html.escape(x)}</th>" if i < 3 else f"<th>{html.escape(x)}</th>"
-                for i, x in enumerate(head))
-    body = []
-    for r in rows:
-        cells = []
-        for i, x in enumerate(r):
-            cls = "l" if i < 3 else ""
-            if isinstance(x, tuple):
-                cls += f" {x[0]}" if x[0] else ""
-                x = x[1]
-            cells.append(f"<td class='{cls.strip()}'>{html.escape(str(x))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
-
-
-def _md_table(head, rows) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = []
-        for x in r:
-            if isinstance(x, tuple):
-                x = f"**{x[1]}**" if x[0] else x[1]
-            cells.append(str(x))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _all_metrics_table(results: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     pooled = results[results["fold"] == "pooled"]
     metrics = list(dict.fromkeys(pooled["metric"]))
@@ -419,7 +460,7 @@ def _all_metrics_table(results: pd.DataFrame) -> tuple[list[str], list[list[str]
         row = [proto, _frac(frac), init]
         for m in metrics:
             d = g[g["metric"] == m]
-            row.append(f"{_fmt(d['value'].iloc[0])} [{_fmt(d['ci_low'].iloc[0])}, {_fmt(d['ci_high'].iloc[0])}]"
+            row.append(f"{fmt(d['value'].iloc[0])} [{fmt(d['ci_low'].iloc[0])}, {fmt(d['ci_high'].iloc[0])}]"
                        if len(d) else "–")
         rows.append(row)
     return head, rows
@@ -434,7 +475,7 @@ def _fold_table(results: pd.DataFrame, metric: str) -> tuple[list[str], list[lis
         vals = [g[g["fold"] == f]["value"] for f in folds]
         vs = [float(v.iloc[0]) if len(v) else np.nan for v in vals]
         arr = np.array([v for v in vs if np.isfinite(v)])
-        rows.append([proto, _frac(frac), init] + [_fmt(v) for v in vs]
+        rows.append([proto, _frac(frac), init] + [fmt(v) for v in vs]
                     + [f"{arr.mean():.3f} ± {arr.std(ddof=1) if len(arr) > 1 else 0:.3f}" if len(arr) else "–"])
     return head, rows
 
@@ -451,8 +492,10 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     metric = primary_metric(task)
     inits = list(summary["inits"])
 
+    groups = (summary.get("groups") or {}).get("members", {})
+
     figs: list[tuple[str, str, Figure | None]] = [
-        ("label_efficiency", "Label-efficiency curves", fig_label_efficiency(results, metric, inits))]
+        ("label_efficiency", "Label-efficiency curves", fig_label_efficiency(results, metric, inits, groups))]
     if task == "binary":
         figs.append(("roc", "ROC curves (pooled out-of-fold)", fig_roc(preds, inits)))
     if task in ("binary", "multiclass"):
@@ -473,53 +516,63 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     for key, title, fig in figs:
         if fig is None:
             continue
-        data = _png(fig)
+        data = png_bytes(fig)
         (fig_dir / f"{key}.png").write_bytes(data)
         rendered.append((key, title, data))
 
     head, rows = headline_table(summary)
     ahead, arows = _all_metrics_table(results)
     fhead, frows = _fold_table(results, metric)
-    verdict = verdicts(summary)
+    verdict = verdicts(summary) + group_verdicts(summary)
+    gtable = group_table(summary)
     title = f"radpretrain evaluate: {summary['target'].get('expression')}"
 
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='small'>{html.escape(summary['task'])} task, {summary['counts']['images']} images of "
+    parts = [f"<p class='small'>{html.escape(summary['task'])} task, {summary['counts']['images']} images of "
              f"{summary['counts']['patients']} patients, inits: {html.escape(', '.join(inits))}; "
              f"headline metric: {html.escape(METRIC_LABELS.get(metric, metric))}</p>"]
     if verdict:
         parts.append("<div class='verdict'><b>At a glance</b><ul>"
                      + "".join(f"<li>{html.escape(v)}</li>" for v in verdict) + "</ul></div>")
     parts.append("<h2>Headline results</h2><p class='small'>Pooled out-of-fold predictions. Green/red: the 95 % "
-                 "CI of the difference excludes 0.</p>" + _html_table(head, rows))
+                 "CI of the difference excludes 0.</p>" + html_table(head, rows))
+    if gtable:
+        parts.append("<h2>Init groups: several pretraining seeds of one recipe</h2>"
+                     f"<p class='small'>{html.escape(GROUP_NOTE)}</p>" + html_table(*gtable))
+    runs = runs_table(summary)
+    if runs:
+        parts.append("<h2>Pretraining runs compared</h2><p class='small'>Compute spent as the run recorded it "
+                     "(compute.json); each run's own report (loss curves, previews, config, data) is linked "
+                     "where the run folder has one.</p>" + html_table(*runs, left=3))
     if froc:
         parts.append("<h2>FROC: sensitivity at fixed false positives per scan</h2>"
-                     f"<p class='small'>{html.escape(froc_note(froc))}</p>" + _html_table(*froc_table(froc)))
+                     f"<p class='small'>{html.escape(froc_note(froc))}</p>" + html_table(*froc_table(froc)))
     for key, t, data in rendered:
-        parts.append(f"<h2>{html.escape(t)}</h2><img alt='{key}' src='data:image/png;base64,"
-                     f"{base64.b64encode(data).decode()}'>")
-    parts.append("<h2>All metrics</h2>" + _html_table(ahead, arows))
-    parts.append(f"<h2>Per fold ({html.escape(METRIC_LABELS.get(metric, metric))})</h2>" + _html_table(fhead, frows))
-    parts.append("<h2>Setup</h2><table>" + "".join(
-        f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(v)}</td></tr>"
-        for k, v in setup_items(summary)) + "</table>")
+        parts.append(f"<h2>{html.escape(t)}</h2>" + img(data, key))
+    parts.append("<h2>All metrics</h2>" + html_table(ahead, arows))
+    parts.append(f"<h2>Per fold ({html.escape(METRIC_LABELS.get(metric, metric))})</h2>" + html_table(fhead, frows))
+    parts.append("<h2>Setup</h2>" + kv_table(setup_items(summary)))
     parts.append("<p class='small'>Exact image ids per fold and fraction: splits_used.parquet; predictions: "
-                 "predictions.parquet; tidy numbers: results.csv, comparisons.csv.</p></body></html>")
+                 "predictions.parquet; tidy numbers: results.csv, comparisons.csv"
+                 + (", groups.csv" if gtable else "") + ".</p>")
     html_path = out / "report.html"
-    html_path.write_text("\n".join(parts), encoding="utf-8")
+    html_path.write_text(page(title, parts), encoding="utf-8")
 
     md = [f"# {title}", ""]
     if verdict:
         md += ["**At a glance**", ""] + [f"- {v}" for v in verdict] + [""]
-    md += ["## Headline results", "", _md_table(head, rows), ""]
+    md += ["## Headline results", "", md_table(head, rows), ""]
+    if gtable:
+        md += ["## Init groups: several pretraining seeds of one recipe", "", GROUP_NOTE, "", md_table(*gtable), ""]
+    runs_md = runs_table(summary, markdown=True)
+    if runs_md:
+        md += ["## Pretraining runs compared", "", md_table(*runs_md), ""]
     if froc:
         md += ["## FROC: sensitivity at fixed false positives per scan", "", froc_note(froc), "",
-               _md_table(*froc_table(froc)), ""]
+               md_table(*froc_table(froc)), ""]
     for key, t, _ in rendered:
         md += [f"## {t}", "", f"![{key}](figures/{key}.png)", ""]
-    md += ["## All metrics", "", _md_table(ahead, arows), "", f"## Per fold ({METRIC_LABELS.get(metric, metric)})", "",
-           _md_table(fhead, frows), "", "## Setup", ""]
+    md += ["## All metrics", "", md_table(ahead, arows), "", f"## Per fold ({METRIC_LABELS.get(metric, metric)})", "",
+           md_table(fhead, frows), "", "## Setup", ""]
     md += [f"- **{k}**: {v}" for k, v in setup_items(summary)]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
