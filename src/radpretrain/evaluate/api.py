@@ -17,6 +17,7 @@ function.  One call:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,16 +30,16 @@ import torch
 from radpretrain.data.store import Store
 from radpretrain.errors import UserError
 from radpretrain.evaluate.folds import FoldSet, fold_sets, leakage_check, load_or_make_splits, splits_table
-from radpretrain.evaluate.inits import BuiltInit, InitSpec, build_init, parse_init, unique_names
+from radpretrain.evaluate.inits import BuiltInit, InitSpec, build_init, init_groups, parse_inits, unique_names
 from radpretrain.evaluate.device import ImageFeeder, Runtime, resolve_device
 from radpretrain.evaluate.features import cached_features, load_images, weights_mtime
 from radpretrain.evaluate.metrics import metric_value, primary_metric
 from radpretrain.evaluate.options import parse_options
 from radpretrain.evaluate.progress import bar, cell_progress
 from radpretrain.evaluate.protocols import FoldData, Protocol, get_protocol
-from radpretrain.evaluate.results import froc_outputs, summarise
+from radpretrain.evaluate.results import GROUPS_FILE, froc_outputs, group_records, group_summary, summarise
 from radpretrain.evaluate.target import parse_fractions, resolve_target
-from radpretrain.utils import get_logger, package_versions, write_json
+from radpretrain.utils import COMPUTE_FILE, get_logger, package_versions, read_json, write_json
 
 log = get_logger("evaluate")
 
@@ -163,7 +164,8 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, 
 
     store = Store(data)
     lt = prepare_task(store, target, task, positive, folds, fractions, seed, opts["val_fraction"], out)
-    specs = unique_names([parse_init(s) if isinstance(s, str) else s for s in inits])
+    specs = unique_names(parse_inits(inits))
+    groups = init_groups(specs)
     log.info("task %s on %s: %d labelled images, %d patients, %d folds (evaluating %d), fractions %s, inits %s",
              lt.task, target, len(lt.table), lt.table["patient_id"].nunique(), lt.splits["folds"], lt.n_eval,
              fractions, [s.name for s in specs])
@@ -177,7 +179,7 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, 
     log.info("computing on %s (%s), %s; images %s, %.0f MB", rt.device, rt.name, rt.precision, feeder.describe(),
              imgs.numel() / 2**20)
 
-    run = _Run(lt, rt, feeder, store_stats, backbone, image_size, seed, balance, opts, out / "features")
+    run = _Run(lt, rt, feeder, store_stats, backbone, image_size, seed, balance, opts, out / "features", out)
     with cell_progress(len(specs) * len(variants) * len(lt.sets), file=progress_file) as prog:
         for spec in specs:
             run.evaluate_init(spec, variants, prog)
@@ -216,6 +218,10 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, 
     }
     if froc is not None:  # a candidate-patch store (radpretrain patches): sensitivity at FPs per scan
         summary["froc"] = froc
+    if groups:  # several pretraining seeds of one recipe: their mean, spread and seed-mean differences
+        table = group_summary(preds, results, lt.task, groups, n_boot=n_boot, seed=seed)
+        table.to_csv(out / GROUPS_FILE, index=False)
+        summary["groups"] = {"members": groups, "rows": group_records(table, results, groups)}
     write_json(out / "summary.json", summary)
     if report:
         # matplotlib is loaded only when a report is written (--quiet-report skips it)
@@ -230,8 +236,8 @@ class _Run:
     """State of one :func:`evaluate` call across inits: predictions, per-fold rows, histories."""
 
     def __init__(self, lt: LabelledTask, rt: Runtime, feeder: ImageFeeder, store_stats, backbone: str,
-                 image_size: int, seed: int, balance: str, opts: dict, feat_dir: Path):
-        self.lt, self.rt, self.feeder = lt, rt, feeder
+                 image_size: int, seed: int, balance: str, opts: dict, feat_dir: Path, out: Path):
+        self.lt, self.rt, self.feeder, self.out = lt, rt, feeder, out
         self.store_stats, self.backbone, self.image_size = store_stats, backbone, image_size
         self.seed, self.balance, self.opts, self.feat_dir = seed, balance, opts, feat_dir
         self.init_opts = {"grey": opts["grey"], "seed": seed,
@@ -263,7 +269,7 @@ class _Run:
     def evaluate_init(self, spec: InitSpec, variants: list[Variant], prog) -> None:
         lt = self.lt
         built = self.build(spec)
-        self.init_meta[spec.name] = {"kind": spec.kind, **built.meta}
+        self.init_meta[spec.name] = {"kind": spec.kind, **built.meta, **run_links(spec, self.out)}
         trained = built.meta.get("pretrain_image_size")
         if trained and int(trained) != int(self.image_size):
             log.warning("init %s was pretrained at %s px, evaluated at %s px", spec.name, trained, self.image_size)
@@ -310,6 +316,33 @@ class _Run:
                                "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
                                "seconds": round(res.seconds, 2), **{f"chosen_{k}": val for k, val in chosen.items()}})
         prog.finished(label, res.seconds, _cell_note(self.lt, s, res.val_scores, chosen))
+
+
+def run_links(spec: InitSpec, out: Path) -> dict:
+    """What the summary records of a run init besides its weights: its group, the run folder relative to
+    the evaluate output (for the report's link and ``radpretrain compare``), the relative link to the
+    run's ``report.html`` when it has one, and its ``compute.json`` (pretraining compute spent)."""
+    meta: dict = {}
+    if spec.group is not None:
+        meta["group"] = spec.group
+    if spec.kind != "run" or spec.path is None:
+        return meta
+    folder = Path(spec.path) if Path(spec.path).is_dir() else Path(spec.path).parent
+    meta["run_name"] = folder.name
+    try:
+        rel = Path(os.path.relpath(folder.resolve(), out.resolve()))
+    except ValueError:  # another drive (Windows): no relative link
+        return meta
+    meta["run"] = rel.as_posix()
+    if (folder / "report.html").is_file():
+        meta["run_report"] = (rel / "report.html").as_posix()
+    compute = folder / COMPUTE_FILE
+    if compute.is_file():
+        try:
+            meta["compute"] = read_json(compute)
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); its compute is not recorded", compute, e)
+    return meta
 
 
 def _cell_note(lt: LabelledTask, s: FoldSet, val_scores, chosen: dict) -> str:

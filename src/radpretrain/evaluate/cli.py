@@ -3,7 +3,7 @@
 Example::
 
     radpretrain evaluate --data DATASET --target lesion --init scratch --init imagenet \\
-        --init runs/mae1 --protocol linear --protocol finetune --label-fractions 0.01,0.1,1 \\
+        --init runs/mae1 --init recipe=runs/s1,runs/s2,runs/s3 --protocol linear --protocol finetune --label-fractions 0.01,0.1,1 \\
         --out eval/lesion finetune.epochs=5
 
 Writes into ``--out``: ``results.csv`` (tidy: init, protocol, fraction, fold, metric,
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label column or manifest field (body_part, age_years, sex, view); "
                         "a threshold such as 'label>=2' makes a binary target")
     p.add_argument("--init", action="append", required=True, metavar="INIT",
-                   help="scratch | imagenet | RUN_OR_EXPORT folder | state_dict:PATH[:ARCH]; repeat to compare")
+                   help="scratch | imagenet | RUN_OR_EXPORT folder | state_dict:PATH[:ARCH] | NAME=RUN1,RUN2,... "
+                        "(an init group: several seeds of one recipe, reported as mean and spread); repeat to compare")
     p.add_argument("--protocol", action="append", choices=tuple(PROTOCOLS),
                    help=f"{' | '.join(PROTOCOLS)}; repeatable (default: linear)")
     p.add_argument("--label-fractions", default="0.01,0.1,1.0", help="comma-separated fractions of labelled patients")
@@ -60,6 +61,9 @@ def run(args) -> int:
                        balance=args.balance, overrides=args.overrides or [], device=args.device,
                        report=not args.quiet_report)
     printed = {"out": str(args.out), "task": summary["task"], "headline": summary["headline"]}
+    if "groups" in summary:
+        printed["groups"] = [{k: r[k] for k in ("group", "protocol", "fraction", "n_seeds", "mean", "sd", "min", "max",
+                                                 "vs")} for r in summary["groups"]["rows"]]
     if "froc" in summary:
         printed["froc"] = [{k: r[k] for k in ("init", "protocol", "fraction", "cpm", "cpm_ci", "sensitivity")}
                            for r in summary["froc"]["rows"]]

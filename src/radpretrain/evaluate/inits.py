@@ -7,6 +7,8 @@ An init is given on the command line as one of
   equivalent (mean of the three channels) of the weights' own ``pretrained_cfg``;
 - ``RUN_OR_EXPORT``: a radpretrain pretraining run or export folder
   (:func:`radpretrain.models.weights.load_run_encoder`); statistics from its ``encoder.json``;
+- ``NAME=RUN1,RUN2,...``: an init group, several runs of one recipe (pretraining seeds); each run
+  is evaluated as its own init ``NAME-1``, ``NAME-2``, ... (:func:`parse_inits`);
 - ``state_dict:PATH[:ARCH]``: a plain state dict from elsewhere (``.safetensors``, or a torch file
   read with ``weights_only=True``); ``ARCH`` defaults to ``--backbone``.  Key mapping options
   (``key=value`` arguments of ``evaluate``):
@@ -43,6 +45,7 @@ log = get_logger("evaluate")
 
 COMMON_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
 HEAD_PATTERN = re.compile(r"^(classifier|head|fc|last_linear|head_drop)(\.|$)")
+GROUP_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)=(.+)$")  # --init NAME=RUN1,RUN2,...
 
 
 @dataclass
@@ -53,6 +56,7 @@ class InitSpec:
     name: str            # short label used in tables and file names
     path: str | None = None
     arch: str | None = None
+    group: str | None = None  # the init group (``--init NAME=RUN1,RUN2,...``) this run belongs to
 
     @property
     def label(self) -> str:
@@ -80,6 +84,54 @@ def parse_init(text: str) -> InitSpec:
                         "or an existing run/export folder")
     name = p.name if p.is_dir() else p.stem
     return InitSpec("run", _safe_name(name), path=str(p))
+
+
+def parse_inits(items) -> list[InitSpec]:
+    """Every ``--init`` (strings or :class:`InitSpec`), with init groups expanded into their runs.
+
+    ``NAME=RUN1,RUN2,...`` is an init group: several pretraining runs of one recipe (different
+    seeds).  Each run is evaluated as its own init, named ``NAME-1``, ``NAME-2``, ... in the
+    order given, with ``group=NAME``; the report adds the group's seed mean and spread.  A text
+    that is an existing path is always a single init, even when it holds ``=``.
+    """
+    specs: list[InitSpec] = []
+    groups: list[str] = []
+    for item in items:
+        if isinstance(item, InitSpec):
+            specs.append(item)
+            continue
+        m = GROUP_PATTERN.match(str(item).strip())
+        if m is None or Path(str(item).strip()).exists():
+            specs.append(parse_init(str(item)))
+            continue
+        name, members = m.group(1), [t.strip() for t in m.group(2).split(",") if t.strip()]
+        if name in ("scratch", "random", "imagenet") or name in groups:
+            raise UserError(f"--init {item}: the group name {name!r} is "
+                            + ("given twice" if name in groups else "reserved; choose another"))
+        if len(members) < 2:
+            raise UserError(f"--init {item}: a group needs at least two runs, comma-separated (NAME=RUN1,RUN2)")
+        groups.append(name)
+        for i, text in enumerate(members, 1):
+            spec = parse_init(text)
+            if spec.kind not in ("run", "state_dict"):
+                raise UserError(f"--init {item}: {text!r} is not a run, export or state_dict:PATH; a group holds "
+                                "pretrained runs of one recipe (compare scratch/imagenet as their own --init)")
+            spec.name, spec.group = f"{name}-{i}", name
+            specs.append(spec)
+    taken = {s.name for s in specs if s.group is None}
+    clash = sorted(set(groups) & taken)
+    if clash:
+        raise UserError(f"--init: {clash[0]!r} names both a group and a single init; rename one")
+    return specs
+
+
+def init_groups(specs: list[InitSpec]) -> dict[str, list[str]]:
+    """``{group: [its inits' names, in order]}`` of the parsed inits."""
+    out: dict[str, list[str]] = {}
+    for s in specs:
+        if s.group is not None:
+            out.setdefault(s.group, []).append(s.name)
+    return out
 
 
 def _safe_name(s: str) -> str:

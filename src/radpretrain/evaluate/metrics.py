@@ -516,14 +516,70 @@ def paired_bootstrap(
                 deltas.append(d)
         deltas = np.asarray(deltas, dtype=float)
     lo, hi = _percentile_ci(deltas)
-    if len(deltas) == 0:
-        p = float("nan")
-    else:
-        m = len(deltas)
-        p = min(1.0, 2 * min((np.sum(deltas <= 0) + 1) / (m + 1), (np.sum(deltas >= 0) + 1) / (m + 1)))
-    return {"metric": name, "a": a, "b": b, "delta": a - b, "ci_low": lo, "ci_high": hi, "p": float(p),
+    p = _bootstrap_p(deltas)
+    return {"metric": name, "a": a, "b": b, "delta": a - b, "ci_low": lo, "ci_high": hi, "p": p,
             "n_boot": int(len(deltas)), "higher_is_better": HIGHER_IS_BETTER[name]}
 
+
+
+def _bootstrap_p(deltas: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of replicate differences, ``2 * min(P(d* <= 0), P(d* >= 0))`` (+1 corrected)."""
+    if len(deltas) == 0:
+        return float("nan")
+    m = len(deltas)
+    return float(min(1.0, 2 * min((np.sum(deltas <= 0) + 1) / (m + 1), (np.sum(deltas >= 0) + 1) / (m + 1))))
+
+
+def paired_bootstrap_mean(
+    name: str,
+    task: str,
+    y_true,
+    scores: list,
+    score_ref,
+    groups,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Seed-mean difference of several runs of one recipe against a reference init on the same images.
+
+    ``scores``: one score array per seed run (all predicting the images of ``y_true``);
+    ``delta = mean_s(metric(s) - metric(ref))``.  Every replicate draws the patients once and
+    scores every seed and the reference on that same resample (the replicates of
+    :func:`paired_bootstrap` with the same ``seed``), so the replicate's seed-mean difference is
+    the average of the seeds' paired differences on it.  CI: 2.5-97.5 percentiles of those
+    averages; p as in :func:`paired_bootstrap`.  Also returns the seeds' own differences.
+    """
+    y_true = np.asarray(y_true)
+    scores = [np.asarray(s) for s in scores]
+    score_ref = np.asarray(score_ref)
+    if not scores:
+        raise ValueError("paired_bootstrap_mean needs at least one score array")
+    values = [metric_value(name, task, y_true, s) for s in scores]
+    ref = metric_value(name, task, y_true, score_ref)
+    per_seed = [v - ref for v in values]
+    reps = None
+    if len(y_true):
+        reps = _weighted_replicates(
+            lambda codes, k: [_weighted_metric_fn(name, task, y_true, s, codes, k) for s in (*scores, score_ref)],
+            len(y_true), groups, n_boot, seed)
+    if reps is not None:
+        deltas = np.mean(np.stack(reps[:-1]) - reps[-1][None, :], axis=0)
+        deltas = deltas[np.isfinite(deltas)]
+    else:  # no weighted form: resample replicate by replicate (the same draws)
+        members, _ = _group_index(groups if groups is not None else np.arange(len(y_true)))
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(int(n_boot)):
+            r = _resample(members, rng)
+            b = metric_value(name, task, y_true[r], score_ref[r])
+            d = np.mean([metric_value(name, task, y_true[r], s[r]) - b for s in scores])
+            if np.isfinite(d):
+                out.append(d)
+        deltas = np.asarray(out, dtype=float)
+    lo, hi = _percentile_ci(deltas)
+    return {"metric": name, "values": values, "reference": ref, "per_seed_delta": per_seed,
+            "delta": float(np.mean(per_seed)), "ci_low": lo, "ci_high": hi, "p": _bootstrap_p(deltas),
+            "n_boot": int(len(deltas)), "higher_is_better": HIGHER_IS_BETTER[name]}
 
 # -- DeLong --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from radpretrain.evaluate.metrics import (
-    TASK_METRICS, delong_test, metric_value, metric_with_ci, paired_bootstrap,
+    TASK_METRICS, delong_test, metric_value, metric_with_ci, paired_bootstrap, paired_bootstrap_mean, primary_metric,
 )
 
 REFERENCES = ("scratch", "imagenet")
@@ -85,6 +85,96 @@ def compare(preds: pd.DataFrame, task: str, n_boot: int = 1000, seed: int = 0) -
                         row.update(delong_p=d["p"], delong_ci_low=d["ci_low"], delong_ci_high=d["ci_high"])
                     rows.append(row)
     return pd.DataFrame(rows, columns=cols)
+
+
+# -- init groups: several pretraining seeds of one recipe ---------------------------------
+
+GROUPS_FILE = "groups.csv"
+GROUP_COLUMNS = ["group", "protocol", "fraction", "metric", "n_seeds", "mean", "sd", "min", "max", "seeds",
+                 "reference", "reference_value", "delta_mean", "ci_low", "ci_high", "p", "n", "n_patients"]
+
+
+def group_summary(preds: pd.DataFrame, results: pd.DataFrame, task: str, groups: dict[str, list[str]],
+                  n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per init group, protocol and label fraction: the seeds' headline metric and the seed-mean Δ vs references.
+
+    The seed statistics are over the seeds' pooled out-of-fold values (``results``): mean, SD
+    (n - 1), min and max; ``seeds`` lists ``init=value [ci_low, ci_high]`` (each seed's own
+    patient-bootstrap CI).  For every reference init present (scratch, imagenet), ``delta_mean``
+    is the mean over the seeds of the paired difference, on the images every seed and the
+    reference predicted; its CI and p come from one patient bootstrap shared by all seeds
+    (:func:`~radpretrain.evaluate.metrics.paired_bootstrap_mean`).  One row per reference (one
+    row with an empty reference when none was evaluated).
+    """
+    m = primary_metric(task)
+    pooled = results[(results["fold"] == "pooled") & (results["metric"] == m)]
+    inits = set(preds["init"])
+    rows = []
+    for group, members in groups.items():
+        members = [x for x in members if x in inits]
+        if not members:
+            continue
+        for (proto, frac), g in preds[preds["init"].isin(members)].groupby(["protocol", "fraction"], sort=False):
+            res = pooled[(pooled["protocol"] == proto) & (pooled["fraction"] == frac)].set_index("init")
+            have = [x for x in members if x in res.index]
+            vals = np.array([float(res.loc[x, "value"]) for x in have])
+            ok = vals[np.isfinite(vals)]
+            base = {"group": group, "protocol": proto, "fraction": frac, "metric": m, "n_seeds": len(have),
+                    "mean": float(ok.mean()) if len(ok) else np.nan,
+                    "sd": float(ok.std(ddof=1)) if len(ok) > 1 else np.nan,
+                    "min": float(ok.min()) if len(ok) else np.nan, "max": float(ok.max()) if len(ok) else np.nan,
+                    "seeds": "; ".join(f"{x}={res.loc[x, 'value']:.4f} [{res.loc[x, 'ci_low']:.4f}, "
+                                       f"{res.loc[x, 'ci_high']:.4f}]" for x in have)}
+            refs = [r for r in REFERENCES if r in inits]
+            if not refs:
+                rows.append({**base, "reference": ""})
+            for ref in refs:
+                gp = preds[(preds["protocol"] == proto) & (preds["fraction"] == frac)]
+                joined = gp[gp["init"] == ref][["image_id", "fold", "patient_id", "y_true", "y_score"]
+                                               + (["proba"] if task == "multiclass" else [])]
+                joined = joined.rename(columns={"y_score": "y_score_ref", "proba": "proba_ref"})
+                for i, x in enumerate(have):
+                    part = gp[gp["init"] == x][["image_id", "fold", "y_score"]
+                                               + (["proba"] if task == "multiclass" else [])]
+                    joined = joined.merge(part.rename(columns={"y_score": f"y_score_{i}", "proba": f"proba_{i}"}),
+                                          on=["image_id", "fold"])
+                if not len(joined) or not have:
+                    continue
+
+                def col(name):
+                    if task == "multiclass":
+                        return np.stack([np.asarray(p, float) for p in joined[name.replace("y_score", "proba")]])
+                    return joined[name].to_numpy(float)
+
+                grp = joined["patient_id"].to_numpy()
+                r = paired_bootstrap_mean(m, task, joined["y_true"].to_numpy(), [col(f"y_score_{i}") for i in
+                                                                                 range(len(have))],
+                                          col("y_score_ref"), grp, n_boot=n_boot, seed=seed)
+                rows.append({**base, "reference": ref, "reference_value": r["reference"], "delta_mean": r["delta"],
+                             "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p": r["p"], "n": len(joined),
+                             "n_patients": len(np.unique(grp))})
+    return pd.DataFrame(rows, columns=GROUP_COLUMNS)
+
+
+def group_records(table: pd.DataFrame, results: pd.DataFrame, groups: dict[str, list[str]]) -> list[dict]:
+    """``summary.json``'s ``groups`` rows: one per (group, protocol, fraction) with its seeds and Δ per reference."""
+    out: dict[tuple, dict] = {}
+    pooled = results[results["fold"] == "pooled"]
+    for _, r in table.iterrows():
+        key = (r["group"], r["protocol"], float(r["fraction"]))
+        if key not in out:
+            res = pooled[(pooled["protocol"] == r["protocol"]) & (pooled["fraction"] == r["fraction"])
+                         & (pooled["metric"] == r["metric"])].set_index("init")
+            seeds = [{"init": x, "value": float(res.loc[x, "value"]), "ci_low": float(res.loc[x, "ci_low"]),
+                      "ci_high": float(res.loc[x, "ci_high"])} for x in groups[r["group"]] if x in res.index]
+            out[key] = {"group": r["group"], "protocol": r["protocol"], "fraction": float(r["fraction"]),
+                        "metric": r["metric"], "n_seeds": int(r["n_seeds"]), "mean": r["mean"], "sd": r["sd"],
+                        "min": r["min"], "max": r["max"], "seeds": seeds, "vs": {}}
+        if r["reference"]:
+            out[key]["vs"][r["reference"]] = {"reference_value": r["reference_value"], "delta": r["delta_mean"],
+                                              "ci": [r["ci_low"], r["ci_high"]], "p": r["p"],
+                                              "n": int(r["n"]), "n_patients": int(r["n_patients"])}
+    return list(out.values())
 
 
 # -- FROC of candidate-patch stores (radpretrain patches) ------------------------------
