@@ -29,7 +29,10 @@ Run folder::
                            kept), last.ckpt, best.ckpt: written atomically, read only after their pickle
                            was checked (see write_checkpoint / read_checkpoint)
     RUN/previews/          PNGs from the method (MAE reconstructions, SimCLR views, ...)
+    RUN/data_summary.json  counts of the images trained on (by modality, body part, view; no ids)
     RUN/encoder.safetensors, RUN/encoder.json   at the end (see docs/architecture.md)
+    RUN/compute.json       at the end: wall seconds, steps, images seen, device, threads
+    RUN/report.html        at the end: the run report (radpretrain report RUN writes it again)
 
 The package, one job per module:
 
@@ -38,7 +41,8 @@ The package, one job per module:
 - :mod:`~radpretrain.pretrain.checkpoints`: atomic writes, vetted reads, the resume fallback;
 - :mod:`~radpretrain.pretrain.trainer`: the Lightning Trainer (callbacks, loggers, precision,
   devices, channels_last, ``trainer.compile``);
-- :mod:`~radpretrain.pretrain.runner`: :func:`pretrain`, the encoder export and the CLI.
+- :mod:`~radpretrain.pretrain.runner`: :func:`pretrain`, the encoder export and the CLI;
+- :mod:`~radpretrain.pretrain.report`: ``RUN/report.html`` and ``radpretrain report``.
 """
 
 from radpretrain.pretrain.checkpoints import (
@@ -58,18 +62,20 @@ from radpretrain.pretrain.data import (
     SkippingBatchSampler,
     StoreData,
     balance_weights,
+    data_summary,
     input_stats,
     measure_stats,
     select_images,
     start_weight_stats,
 )
+from radpretrain.pretrain.report import write_run_report
 from radpretrain.pretrain.runner import add_arguments, export_encoder, pretrain, run
-from radpretrain.pretrain.trainer import Previews, build_trainer, total_steps, use_channels_last
+from radpretrain.pretrain.trainer import ComputeMeter, Previews, build_trainer, compute_record, total_steps, use_channels_last
 
 __all__ = [
-    "CHECKPOINT_SAFE_GLOBALS", "DEFAULTS", "EpochBatchSampler", "Previews", "RunCheckpointIO", "SkippingBatchSampler",
+    "CHECKPOINT_SAFE_GLOBALS", "ComputeMeter", "DEFAULTS", "EpochBatchSampler", "Previews", "RunCheckpointIO", "SkippingBatchSampler",
     "StepCheckpoint", "StoreData", "add_arguments", "balance_weights", "build_trainer", "check_run_config",
-    "checkpoint_candidates", "existing_run", "export_encoder", "find_resume_checkpoint", "input_stats",
+    "checkpoint_candidates", "compute_record", "data_summary", "existing_run", "export_encoder", "find_resume_checkpoint", "input_stats",
     "inspect_checkpoint", "measure_stats", "pretrain", "read_checkpoint", "resolve_config", "resume_config", "run",
-    "select_images", "start_weight_stats", "total_steps", "use_channels_last", "write_checkpoint",
+    "select_images", "start_weight_stats", "total_steps", "use_channels_last", "write_checkpoint", "write_run_report",
 ]

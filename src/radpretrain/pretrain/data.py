@@ -1,7 +1,8 @@
 """The engine's data: which store images a run trains on, input statistics, samplers, the data module.
 
 - :func:`select_images`: the (train, val) rows of ``Store.images`` (patient-grouped validation
-  part, per-patient caps, ``splits.parquet``'s ``keep`` and excluded splits);
+  part, per-patient caps, ``splits.parquet``'s ``keep`` and excluded splits); :func:`data_summary`
+  counts them (``RUN/data_summary.json``);
 - :func:`input_stats`: ``data.mean`` / ``data.std`` (start weights' statistics or measured);
 - :func:`balance_weights`: per-image weights for ``data.balance``;
 - :class:`EpochBatchSampler` / :class:`SkippingBatchSampler`: seeded per epoch, sharded over DDP
@@ -86,6 +87,38 @@ def select_images(store, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
             is_val = np.array([p in val_p for p in pids[rows]])
             val_rows, rows = rows[is_val], rows[~is_val]
     return rows.astype(np.int64), val_rows.astype(np.int64)
+
+
+SUMMARY_COLUMNS = ("modality", "body_part", "view")
+
+
+def data_summary(store, train_rows: np.ndarray, val_rows: np.ndarray, cfg: dict) -> dict:
+    """What a run trains on, in counts only (``RUN/data_summary.json``, shown in the run report).
+
+    Images and patients of the training and validation parts, and their counts by modality, body
+    part, view and modality x body part; the selection settings that made them.  No image or
+    patient id, no path.
+    """
+    images = store.images
+
+    def counts(rows: np.ndarray) -> dict:
+        sub = images.iloc[rows]
+        out: dict = {"images": int(len(sub)),
+                     "patients": int(sub["patient_id"].nunique()) if "patient_id" in sub.columns else None}
+        for col in SUMMARY_COLUMNS:
+            if col in sub.columns:
+                vc = sub[col].fillna("unknown").astype(str).value_counts()
+                out[col] = {str(k): int(v) for k, v in vc.items()}
+        if {"modality", "body_part"} <= set(sub.columns) and len(sub):
+            both = sub["modality"].fillna("unknown").astype(str) + " / " + sub["body_part"].fillna("unknown").astype(str)
+            out["modality_body_part"] = {str(k): int(v) for k, v in both.value_counts().items()}
+        return out
+
+    d = cfg["data"]
+    return {"store_images": int(len(images)), "train": counts(train_rows), "val": counts(val_rows),
+            "left_out": int(len(images) - len(train_rows) - len(val_rows)),
+            "selection": {k: d.get(k) for k in ("exclude_split", "respect_keep", "max_per_patient", "val_fraction",
+                                                 "balance")}}
 
 
 def start_weight_stats(cfg: dict) -> tuple[float, float, str] | None:

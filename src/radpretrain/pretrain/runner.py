@@ -4,7 +4,8 @@ A run resolves and checks its config (:mod:`radpretrain.pretrain.config`) before
 written, selects the images and input statistics (:mod:`radpretrain.pretrain.data`), builds the
 method and the Trainer (:mod:`radpretrain.pretrain.trainer`), fits (continuing from the newest
 intact checkpoint with ``--resume``, :mod:`radpretrain.pretrain.checkpoints`) and writes
-``RUN/encoder.safetensors`` + ``encoder.json``.
+``RUN/encoder.safetensors`` + ``encoder.json``, ``RUN/compute.json`` (what the run spent) and
+``RUN/report.html`` (:mod:`radpretrain.pretrain.report`; a report that fails is a warning).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from radpretrain.pretrain.checkpoints import (
     clear_partial_writes, disk_full_error, disk_full_message, existing_run, find_resume_checkpoint, free_bytes,
     inspect_checkpoint, read_checkpoint)
 from radpretrain.pretrain.config import resolve_config, resume_config
-from radpretrain.pretrain.data import StoreData, input_stats, resize_on_device, select_images
-from radpretrain.pretrain.trainer import build_trainer, compile_model, env_rank, total_steps, use_channels_last
-from radpretrain.utils import add_file_log, auto_cpu_threads, get_logger, package_versions, write_json
+from radpretrain.pretrain.data import StoreData, data_summary, input_stats, resize_on_device, select_images
+from radpretrain.pretrain.report import DATA_SUMMARY_FILE, write_run_report
+from radpretrain.pretrain.trainer import (
+    ComputeMeter, build_trainer, compile_model, compute_record, env_rank, total_steps, use_channels_last)
+from radpretrain.utils import COMPUTE_FILE, add_file_log, auto_cpu_threads, get_logger, package_versions, write_json
 
 log = get_logger("pretrain")
 
@@ -109,6 +112,7 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
             notes = notes + clear_partial_writes(run_dir / "checkpoints")
             save_config(cfg, run_dir / "config.yaml")
             write_json(run_dir / "versions.json", package_versions())
+            write_json(run_dir / DATA_SUMMARY_FILE, data_summary(store, train_rows, val_rows, cfg))
             file_log = add_file_log(run_dir / "logs" / "pretrain.log")
             for note in notes:  # damaged checkpoints skipped or set aside, partial writes removed
                 log.warning(note)
@@ -144,12 +148,18 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
         # loops, callbacks -- all tensors and plain values), written atomically by write_checkpoint;
         # --resume of a finished run continues from it (e.g. with a larger trainer.max_steps)
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        if trainer.is_global_zero:
+            meter = next(c for c in trainer.callbacks if isinstance(c, ComputeMeter))
+            write_json(run_dir / COMPUTE_FILE, compute_record(meter, trainer, cfg, finished=not trainer.interrupted))
         if trainer.interrupted:
+            if trainer.is_global_zero:
+                report_safely(run_dir)
             raise UserError(f"{run_dir}: interrupted at step {trainer.global_step}; continue with --resume")
         result = {"run": run_dir, "encoder": None, "global_step": int(trainer.global_step),
-                  "epochs": int(trainer.current_epoch), "seconds": round(elapsed, 1)}
+                  "epochs": int(trainer.current_epoch), "seconds": round(elapsed, 1), "report": None}
         if trainer.is_global_zero:
             result["encoder"] = export_encoder(model, trainer, cfg, run_dir)
+            result["report"] = report_safely(run_dir)
         return result
     except UserError:
         raise
@@ -163,6 +173,18 @@ def pretrain(method: str | None, data: str | Path, out: str | Path, config: str 
         if file_log is not None:
             logging.getLogger("radpretrain").removeHandler(file_log)
             file_log.close()
+
+
+def report_safely(run_dir: Path) -> Path | None:
+    """``RUN/report.html``; a failure is one warning line, never the end of a run that has finished."""
+    try:
+        path = write_run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the weights are written; the report can be made again
+        log.warning("run report not written (%s: %s); write it with 'radpretrain report %s'", type(e).__name__, e,
+                    run_dir)
+        return None
+    log.info("run report: %s", path)
+    return path
 
 
 def export_encoder(model, trainer, cfg, run_dir: Path) -> Path:

@@ -2,8 +2,9 @@
 
 :func:`build_trainer` turns the ``trainer:`` section into a ``lightning.Trainer`` with the run
 folder's loggers (CSV, TensorBoard), the periodic / last / best checkpoints written through
-:class:`~radpretrain.pretrain.checkpoints.RunCheckpointIO`, early stopping and the
-:class:`Previews` callback.  Devices and nodes follow torchrun and SLURM (see docs/scaling.md).
+:class:`~radpretrain.pretrain.checkpoints.RunCheckpointIO`, early stopping, the
+:class:`Previews` callback and the :class:`ComputeMeter` (wall seconds, images seen, throughput;
+:func:`compute_record` is ``RUN/compute.json``).  Devices and nodes follow torchrun and SLURM (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import importlib.util
 import math
 import os
 import shutil
+import time
+from collections import deque
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +28,7 @@ from radpretrain.errors import UserError
 from radpretrain.models.backbones import prefers_channels_last
 from radpretrain.pretrain.checkpoints import RunCheckpointIO, StepCheckpoint
 from radpretrain.pretrain.data import preview_batch
-from radpretrain.utils import get_logger
+from radpretrain.utils import cpu_name, get_logger
 
 log = get_logger("pretrain")
 
@@ -53,6 +56,104 @@ class Previews(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self._save(pl_module)
+
+
+class ComputeMeter(L.Callback):
+    """The compute a run spends: wall seconds of fitting and images seen, and its throughput.
+
+    ``seconds`` / ``images`` go into every checkpoint (``state_dict``), so a resumed run adds to
+    what the interrupted one had spent up to the checkpoint it continues from.  Images count every
+    training batch on every process (the per-process batch times the world size).  Each training
+    batch logs ``train/images_per_s``: images over wall time of the last ``window`` batches,
+    loading and the step included, validation left out.
+    """
+
+    def __init__(self, window: int = 10, batch_size: int = 1, batches_per_step: int = 1):
+        self.batch_size, self.batches_per_step = int(batch_size), max(1, int(batches_per_step))
+        self.seconds = 0.0        # spent before this session's start (from the checkpoint resumed from)
+        self.images = 0
+        self.restored = False     # the checkpoint resumed from held a record
+        self.unrecorded = False   # resumed from a checkpoint without one (images estimated, seconds unknown)
+        self.window = max(1, int(window))
+        self._recent: deque = deque(maxlen=self.window)  # (seconds, images) of the latest batches
+        self._start: float | None = None
+        self._last: float | None = None
+        self._paused: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ComputeMeter"
+
+    def total_seconds(self) -> float:
+        return self.seconds + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"seconds": float(self.total_seconds()), "images": int(self.images)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.images = float(state.get("seconds", 0.0)), int(state.get("images", 0))
+        self.restored = True
+
+    def on_fit_start(self, trainer, pl_module):  # before the method's own on_fit_start (DeepCluster clusters there)
+        self._start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):  # the resumed step is known from here on
+        if trainer.global_step > 0 and not self.restored:  # resumed from a checkpoint written before this meter
+            self.unrecorded = True
+            self.images = int(trainer.global_step) * self.batches_per_step * self.batch_size * int(trainer.world_size)
+
+    def on_fit_end(self, trainer, pl_module):
+        if self._start is not None:
+            self.seconds, self._start = self.total_seconds(), None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        n = _batch_images(batch) * int(trainer.world_size)
+        self.images += n
+        self._recent.append((now - self._last, n))
+        self._last = now
+        spent = sum(t for t, _ in self._recent)
+        if spent > 0:
+            pl_module.log("train/images_per_s", sum(k for _, k in self._recent) / spent, on_step=True,
+                          on_epoch=False, rank_zero_only=True)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._paused is not None and self._last is not None:
+            self._last += time.perf_counter() - self._paused  # validation is not training throughput
+        self._paused = None
+
+
+def _batch_images(batch) -> int:
+    """Images in one training batch (the engine's batches are dicts with ``index``)."""
+    if isinstance(batch, dict):
+        for key in ("index", "image", "pixels"):
+            v = batch.get(key)
+            if v is not None and hasattr(v, "__len__"):
+                return len(v)
+    return 0
+
+
+def compute_record(meter: ComputeMeter, trainer, cfg: dict, finished: bool) -> dict:
+    """``RUN/compute.json``: what the run spent (wall seconds, steps, images seen) and where it ran."""
+    dev = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    return {"wall_seconds": round(meter.total_seconds(), 2), "steps": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch), "images_seen": int(meter.images),
+            "images_per_s": round(meter.images / meter.total_seconds(), 3) if meter.total_seconds() > 0 else None,
+            "device": {"type": dev.type, "name": name, "processes": int(trainer.world_size)},
+            "precision": str(trainer.precision), "torch_threads": int(torch.get_num_threads()),
+            "method": cfg.get("method"), "backbone": get(cfg, "model.backbone"),
+            "image_size": int(get(cfg, "data.image_size")), "batch_size": int(get(cfg, "data.batch_size")),
+            "seed": cfg.get("seed"), "finished": bool(finished),
+            # resumed from a checkpoint that held no record: seconds of this session only, images estimated
+            "partial_record": bool(meter.unrecorded)}
 
 
 # -- distributed environment -------------------------------------------------------------
@@ -198,6 +299,8 @@ def build_trainer(cfg, run_dir: Path, model, use_val: bool, extra_callbacks, sto
                        monitor="step", mode="max", save_last=True, save_on_train_epoch_end=False,
                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
+        ComputeMeter(window=int(t.get("log_every_n_steps", 10) or 10), batch_size=int(cfg["data"]["batch_size"]),
+                     batches_per_step=int(t.get("accumulate_grad_batches", 1) or 1)),
     ]
     if use_val:
         callbacks.append(ModelCheckpoint(dirpath=ck_dir, filename="best", monitor="val/loss", mode="min",
