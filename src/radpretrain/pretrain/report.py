@@ -207,11 +207,12 @@ def fig_throughput(metrics: pd.DataFrame):
     return fig
 
 
-def fig_other_metrics(metrics: pd.DataFrame):
-    """Every other value the method logs (accuracy, DeepCluster's sizes, ...), one small panel each."""
+def fig_other_metrics(metrics: pd.DataFrame, skip_prefixes: tuple[str, ...] = ()):
+    """Every other value the method logs (accuracy, masked share, ...), one small panel each; columns starting
+    with ``skip_prefixes`` have their own section."""
     from matplotlib.figure import Figure  # heavy: only when a report is drawn
 
-    cols = [c for c in metrics.columns if c not in OWN_FIGURES and not c.startswith("lr-")
+    cols = [c for c in metrics.columns if c not in OWN_FIGURES and not c.startswith(("lr-", *skip_prefixes))
             and pd.api.types.is_numeric_dtype(metrics[c]) and metrics[c].notna().sum() > 0]
     if not cols:
         return None
@@ -235,6 +236,7 @@ def fig_other_metrics(metrics: pd.DataFrame):
 def fig_clusters(records: list[dict]):
     """DeepCluster: NMI between consecutive assignments, and cluster-size quantiles, per epoch."""
     from matplotlib.figure import Figure  # heavy: only when a report is drawn
+    from matplotlib.ticker import MaxNLocator  # heavy: only when a report is drawn
 
     if not records:
         return None
@@ -261,6 +263,8 @@ def fig_clusters(records: list[dict]):
     ax_size.set_ylabel("images per cluster")
     ax_size.set_title("cluster sizes", fontsize=10)
     ax_size.grid(alpha=0.3)
+    for ax in (ax_nmi, ax_size):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -374,7 +378,8 @@ def write_run_report(run_dir: str | Path) -> Path:
                     "its running mean; validation loss where the run holds images out (and the method has one)."),
                    ("Throughput", fig_throughput(metrics), "Training images per second (all processes), over the "
                     "last logged batches: loading and the step included, validation left out."),
-                   ("Other logged values", fig_other_metrics(metrics), "")]
+                   ("Other logged values",
+                    fig_other_metrics(metrics, ("deepcluster/",) if clusters else ()), "")]
     else:
         parts.append("<h2>Loss and learning rate</h2><p>No logs/csv/metrics.csv yet.</p>")
     for name, fig, note in figures:
