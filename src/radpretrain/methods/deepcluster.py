@@ -48,7 +48,7 @@ from radpretrain import clustering
 from radpretrain.config import get
 from radpretrain.data.geometry import finish_batch
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 from radpretrain.settings import probability
 from radpretrain.transforms import random_resized_crop_flip
 from radpretrain.utils import get_logger
@@ -228,8 +228,14 @@ class DeepClusterSection:
 
 @register("deepcluster")
 class DeepCluster(PretrainMethod):
-    config_sections = {"deepcluster": DeepClusterSection}
     """DeepCluster (Caron et al. 2018) on a timm backbone; keys under ``deepcluster.`` (see configs/deepcluster_cpu.yaml)."""
+
+    display_name = "DeepCluster"
+    paper = Paper("Deep Clustering for Unsupervised Learning of Visual Features",
+                  ("Caron", "Bojanowski", "Joulin", "Douze"), 2018, "ECCV", "https://arxiv.org/abs/1807.05520")
+    supervision = Supervision.CLUSTERING
+    config_sections = {"deepcluster": DeepClusterSection}
+    preview_name = "clusters"
 
     # The sampler reads the current assignment each time it is iterated, so the loader need not be
     # rebuilt every epoch (which would also restart its worker processes twice per epoch).
@@ -237,15 +243,10 @@ class DeepCluster(PretrainMethod):
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from radpretrain.models.backbones import create_backbone
-
         if str(get(cfg, "data.resize", "letterbox")) == "bucket":
             raise UserError("deepcluster needs data.resize=letterbox: its sampler draws images uniformly over "
                             "clusters, which aspect-ratio buckets (data.resize=bucket) would override")
-        self.encoder = create_backbone(str(get(cfg, "model.backbone", "resnet50")), in_chans=1,
-                                       pretrained=get(cfg, "model.pretrained", None),
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        self.build_encoder()
         self.num_clusters = int(get(cfg, "deepcluster.num_clusters", 100))
         self.pca_dim = int(get(cfg, "deepcluster.pca_dim", 256))
         self.kmeans_iters = int(get(cfg, "deepcluster.kmeans_iters", 20))
@@ -497,26 +498,25 @@ class DeepCluster(PretrainMethod):
         return meta
 
     # -- previews ----------------------------------------------------------------
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        """``clusters_stepN.png``: one row per cluster (8 clusters, the largest first), 8 thumbnails each."""
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """One row per cluster (``previews.n`` clusters, the largest first), ``previews.n`` random
+        members each, from the training dataset (the batch is not used); none before the first clustering."""
         if self.labels is None or self.dataset is None:
             return []
+        n = self.preview_count()
         sizes = np.bincount(self.labels, minlength=self.num_clusters)
-        order = np.argsort(-sizes, kind="stable")[:8]
+        order = np.argsort(-sizes, kind="stable")[:n]
         rng = np.random.default_rng(self.seed)
         rows = []
         for c in order:
             members = np.flatnonzero(self.labels == c)
             if len(members) == 0:
                 continue
-            pick = rng.choice(members, size=min(8, len(members)), replace=False)
+            pick = rng.choice(members, size=min(n, len(members)), replace=False)
             items = [self.dataset[int(p)] for p in pick]
             collate = getattr(self.dataset, "collate", torch.utils.data.default_collate)
             imgs = finish_batch(collate(items))["image"]
             if imgs.shape[-1] > 64:
                 imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
             rows.append(imgs)
-        if not rows:
-            return []
-        step = self.global_step if self._trainer is not None else 0
-        return [save_image_grid(rows, Path(out_dir) / f"clusters_step{step:07d}.png")]
+        return rows
