@@ -101,7 +101,7 @@ def embed_store(dataset, encoder, out, batch_size: int = 64, image_size: int | N
     """
     from radpretrain.data.dataset import StoreDataset
     from radpretrain.data.store import Store
-    from radpretrain.export import load_encoder, preprocess_from_meta
+    from radpretrain.encoder import load_encoder, preprocess_from_meta
     from radpretrain.models.weights import find_encoder_files
 
     out = Path(out)
