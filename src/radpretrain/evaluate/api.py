@@ -36,6 +36,7 @@ from radpretrain.evaluate.metrics import metric_value, primary_metric
 from radpretrain.evaluate.options import parse_options
 from radpretrain.evaluate.progress import bar, cell_progress
 from radpretrain.evaluate.protocols import FoldData, Protocol, get_protocol
+from radpretrain.evaluate.report import write_report
 from radpretrain.evaluate.results import froc_outputs, summarise
 from radpretrain.evaluate.target import parse_fractions, resolve_target
 from radpretrain.utils import get_logger, package_versions, write_json
@@ -217,10 +218,7 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, 
     if froc is not None:  # a candidate-patch store (radpretrain patches): sensitivity at FPs per scan
         summary["froc"] = froc
     write_json(out / "summary.json", summary)
-    if report:
-        # matplotlib is loaded only when a report is written (--quiet-report skips it)
-        from radpretrain.evaluate.report import write_report
-
+    if report:  # matplotlib is loaded only when a report is written (--quiet-report skips it)
         paths = write_report(out)
         log.info("report: %s", paths[0])
     return summary

@@ -32,9 +32,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from radpretrain import __version__
 from radpretrain.config import get as cfg_get
@@ -145,7 +145,7 @@ def export_encoder(run_dir, out_dir, report_dir=None, license: str = DEFAULT_LIC
 def _save_weights(state: dict, path: Path, arch: str) -> None:
     clean = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(clean, str(tmp), metadata={"format": "pt", "arch": str(arch)})
+    safetensors.torch.save_file(clean, str(tmp), metadata={"format": "pt", "arch": str(arch)})
     os.replace(tmp, path)
 
 

@@ -42,6 +42,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from radpretrain import clustering
@@ -70,8 +71,6 @@ def pca_whiten_l2(features: np.ndarray, dim: int = 256, eps: float = 1e-5) -> np
     k = int(max(1, min(dim, d, n - 1)))
     xc = x - x.mean(0, keepdims=True)
     # Multi-threaded LAPACK on small matrices is slow (and dreadful on a busy machine): one thread.
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1 if min(n, d) <= 4096 else None, user_api="blas"):
         if n > d:
             evals, evecs = np.linalg.eigh(xc.T @ xc / max(1, n - 1))
@@ -125,7 +124,7 @@ def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
 
 def faiss_gpus() -> int:
     """GPUs faiss can use (0 for faiss-cpu, which has no ``get_num_gpus`` or reports none)."""
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only when clustering
 
     try:
         return int(faiss.get_num_gpus())
@@ -138,7 +137,7 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int
 
     Returns ``{"labels": int64 [N], "centroids": [K, D], "objective": float, "n_empty_fixed": int}``.
     """
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only when clustering
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -167,7 +166,7 @@ def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
     """Normalised mutual information between two assignments (scikit-learn, arithmetic mean)."""
-    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics import normalized_mutual_info_score  # heavy: more than a second to import
 
     return float(normalized_mutual_info_score(np.asarray(a), np.asarray(b)))
 

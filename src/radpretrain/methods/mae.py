@@ -93,7 +93,7 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, patch: int, in_chans: int = 1):
         super().__init__()
-        from timm.models.vision_transformer import Block  # heavy: timm is imported when a model is built
+        from timm.models.vision_transformer import Block  # heavy (3 s): only where a model is built
 
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -158,7 +158,7 @@ class MAE(PretrainMethod):
         pos = enc.pos_embed
         grid = tuple(enc.patch_embed.grid_size)
         if (gh, gw) != grid:
-            from timm.layers import resample_abs_pos_embed  # heavy: timm is imported when a model is built
+            from timm.layers import resample_abs_pos_embed  # heavy (3 s): only where a model is built
 
             pos = resample_abs_pos_embed(pos, new_size=(gh, gw), old_size=grid, num_prefix_tokens=n_prefix)
         return pos
