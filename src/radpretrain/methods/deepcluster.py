@@ -10,7 +10,9 @@ avoided as in the paper: an empty cluster takes the centroid of a non-empty one
 with a small perturbation and the points of that cluster are shared between the
 two (see :func:`fix_empty_clusters`).
 
-The sarcoma study (seeds 000/001) pretrained an ImageNet-initialised ResNet50 on
+The Ewing sarcoma study, Hinterwimmer et al., *From Self-supervised Learning to
+Transfer Learning with Musculoskeletal Radiographs* (CDBME 2022,
+doi:10.1515/cdbme-2022-1003), pretrained an ImageNet-initialised ResNet50 on
 42,608 musculoskeletal radiographs with 1,000 clusters, batch 512, learning rate
 0.05 and 500 epochs (``configs/deepcluster_sarcoma.yaml``); it reported an NMI of
 0.930 between consecutive assignments and cluster sizes 2..135 (quartiles 20, 46,
@@ -271,7 +273,7 @@ class DeepCluster(PretrainMethod):
     def train_sampler(self, dataset):
         if len(dataset) < self.num_clusters:
             raise UserError(f"deepcluster.num_clusters={self.num_clusters} is more than the {len(dataset)} training "
-                            "images; lower it (the sarcoma study used about 43 images per cluster)")
+                            "images; lower it (Hinterwimmer et al. 2022 used about 43 images per cluster)")
         self.dataset = dataset
         return ClusterUniformSampler(self, len(dataset), seed=self.seed)
 

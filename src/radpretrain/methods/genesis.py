@@ -4,9 +4,10 @@ Zhou, Sodha, Rahman Siddiquee, Feng, Tajbakhsh, Gotway, Liang, "Models Genesis:
 Generic Autodidactic Models for 3D Medical Image Analysis", MICCAI 2019
 (extended in Medical Image Analysis 67, 2021).  A U-Net sees a corrupted image and
 is trained with a mean-squared restoration loss to output the original; only its
-encoder is kept.  The thesis seed (004, "Models-Genesis-style 2D pretraining on 21
-mixed CT/MR/X-ray datasets") applies the idea to 2-D images with VGG16/ResNet50
-encoders and compares BatchNorm with InstanceNorm in the decoder.
+encoder is kept.  Song, *Comparison of self-supervised and ImageNet pretraining for
+medical image classification* (master's thesis, Politecnico di Torino, 2020) applies
+the idea to 2-D images of 21 mixed CT/MR/X-ray datasets with VGG16/ResNet50 encoders
+and compares BatchNorm with InstanceNorm in the decoder.
 
 Corruptions (:class:`radpretrain.transforms.GenesisCorruption`) are batched torch ops on
 the device, applied in the training and validation steps and drawn from the step's

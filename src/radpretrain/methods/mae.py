@@ -1,9 +1,10 @@
 """Masked autoencoder (MAE).
 
 He, Chen, Xie, Li, Dollár, Girshick: *Masked Autoencoders Are Scalable Vision
-Learners*, CVPR 2022.  Used on radiographs by the MAE pilot study (seed 003:
-ViT, 224 px, mask ratio 0.75, early stopping on the validation loss with a
-patience of 10 epochs, ImageNet initialisation).
+Learners*, CVPR 2022.  Used on radiographs by the MAE pilot study: Bühler (supervised
+by Hager), *Pilot Study For Large-Scale Radiograph Pre-training*, TU München (ViT,
+224 px, mask ratio 0.75, early stopping on the validation loss with a patience of 10
+epochs, ImageNet initialisation).
 
 A random ``mask_ratio`` of the patches is hidden; the timm ViT encoder runs on the
 *visible* patches only (that is where MAE's speed comes from), a light

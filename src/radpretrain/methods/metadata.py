@@ -1,7 +1,8 @@
 """Metadata-supervised pretraining: predict cheap labels the archive already has.
 
-From the forum thread of seed 002 ("a network needs to learn anatomy before
-pathology"): a radiology archive knows each image's body part and the patient's
+From the thread "Transfer Learning for Medical Radiography" on the fast.ai forums
+(https://forums.fast.ai/t/transfer-learning-for-medical-radiography/4931; "a network
+needs to learn anatomy before pathology"): a radiology archive knows each image's body part and the patient's
 age for free; training a CNN to predict such labels gives filters learned on
 radiographs instead of photographs.  This is plain multi-task supervised
 learning (one linear head per field over the encoder's pooled features, summed
