@@ -108,6 +108,7 @@ def test_every_discovered_method_describes_itself_and_has_its_preset():
 
 
 def test_register_refuses_a_method_that_does_not_say_what_it_is_or_has_no_preset():
+    from radpretrain.methods import discover
     from radpretrain.methods.base import METHODS, Paper, PretrainMethod, Supervision, register
 
     paper = Paper("A title", ("Doe",), 2024, "Venue", "https://example.org/paper")
@@ -134,6 +135,16 @@ def test_register_refuses_a_method_that_does_not_say_what_it_is_or_has_no_preset
     with pytest.raises(UserError, match=r"'nopreset' .* has no packaged preset configs/nopreset_cpu.yaml"):
         register("nopreset")(NoPreset)
     assert "nopreset" not in METHODS
+
+    class Impostor(PretrainMethod):
+        display_name = "Impostor"
+        paper = Paper("A title", ("Doe",), 2024, "Venue", "https://example.org/paper")
+        supervision = Supervision.CONTRASTIVE
+
+    discover()  # every shipped method registered
+    with pytest.raises(TypeError, match="'simclr' is already registered by radpretrain.methods.simclr"):
+        register("simclr")(Impostor)
+    assert METHODS["simclr"].__module__ == "radpretrain.methods.simclr"
     assert paper.reference() == "Doe, A title, Venue 2024 (https://example.org/paper)"
 
 

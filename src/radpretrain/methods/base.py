@@ -143,7 +143,8 @@ def register(name: str):
             raise TypeError(f"{where}: a method declares its paper (a methods.base.Paper)")
         if not isinstance(cls.supervision, Supervision):
             raise TypeError(f"{where}: a method declares its supervision (a methods.base.Supervision)")
-        if name in METHODS and METHODS[name] is not cls:
+        old = METHODS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise TypeError(f"{where}: method {name!r} is already registered by {METHODS[name].__module__}")
         if not is_preset(f"{name}_cpu"):
             raise UserError(f"method {name!r} ({cls.__module__}) has no packaged preset configs/{name}_cpu.yaml: "
