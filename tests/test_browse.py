@@ -69,7 +69,7 @@ def test_embed_writes_each_image_once_in_store_order(setup, rel_err):
     assert pq.read_schema(emb).names == ["image_id", "embedding"]
     assert not emb.with_name(emb.name + ".parts").exists()
     # same features as the encoder applied through load_encoder's preprocessing
-    from radpretrain.export import load_encoder
+    from radpretrain.encoder import load_encoder
 
     model, pre = load_encoder(enc)
     with torch.no_grad():

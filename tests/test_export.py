@@ -18,7 +18,8 @@ from radpretrain.cli import main as cli_main
 from radpretrain.data.store import Store, write_manifest
 from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
-from radpretrain.export import EXPORT_FILES, export_encoder, load_encoder
+from radpretrain.encoder import load_encoder
+from radpretrain.export import EXPORT_FILES, export_encoder
 from radpretrain.models.weights import save_encoder
 
 SIZE = 64
@@ -26,7 +27,7 @@ MEAN, STD = 0.31, 0.22
 
 
 def make_run(run_dir: Path, store: Path | None = None, arch: str = "resnet18", seed: int = 0,
-             extra_cfg: dict | None = None) -> torch.nn.Module:
+             extra_cfg: dict | None = None, method: str = "simclr") -> torch.nn.Module:
     """A run folder as the engine writes it: encoder.safetensors + encoder.json (+ config.yaml)."""
     torch.manual_seed(seed)
     model = timm.create_model(arch, in_chans=1, num_classes=0).eval()
@@ -36,11 +37,11 @@ def make_run(run_dir: Path, store: Path | None = None, arch: str = "resnet18", s
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     meta = {"arch": arch, "model_kwargs": {"in_chans": 1}, "image_size": SIZE, "resize": "letterbox",
-            "method": "simclr",
+            "method": method,
             "preprocessing": {"mean": MEAN, "std": STD, "image_size": SIZE, "resize": "letterbox",
                               "intensity": "radpretrain-ingest-v1"}}
     save_encoder(model, meta, run_dir)
-    cfg = {"method": "simclr", "seed": 0,
+    cfg = {"method": method, "seed": 0,
            "data": {"root": str(store) if store else None, "image_size": SIZE, "mean": MEAN, "std": STD},
            "optim": {"name": "adamw", "lr": 0.001}, "trainer": {"max_steps": 10}}
     cfg.update(extra_cfg or {})
@@ -125,7 +126,7 @@ def test_preprocess_accepts_arrays_files_and_dicom(exported, tmp_path):
     import radpretrain
 
     _, out, _ = exported
-    _, pre = radpretrain.load_encoder(out)  # the public entry point forwards to export.load_encoder
+    _, pre = radpretrain.load_encoder(out)  # the public entry point forwards to encoder.load_encoder
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (70, 50), dtype=np.uint8)
     a = pre(u8)
@@ -218,6 +219,26 @@ def test_model_card_has_counts_evaluation_and_no_phi(tmp_path):
         assert s.encode() not in blob, f"{s!r} leaked into the export"
 
 
+@pytest.mark.parametrize("method", ["metadata", "dino", "an_uninstalled_method"])
+def test_the_card_describes_the_method_from_its_class(tmp_path, method):
+    from radpretrain.methods import find_method
+
+    make_run(tmp_path / "run", method=method)
+    readme = (export_encoder(tmp_path / "run", tmp_path / "export") / "README.md").read_text()
+    tags = _front_matter(readme)["tags"]
+    cls = find_method(method)
+    if cls is None:  # a run made by a method that is not installed here: described by its name
+        assert f"- Method: {method} (`{method}`)" in readme and "see the radpretrain documentation" in readme
+        return
+    assert f"- Method: {cls.display_name} (`{method}`)" in readme
+    assert f"- Reference: {cls.paper.reference()}" in readme and cls.supervision.hub_tag in tags
+    if method == "metadata":  # weak labels, and the source it follows is the fast.ai forum thread
+        assert "weakly-supervised-learning" in tags and "self-supervised-learning" not in tags
+        assert "Transfer Learning for Medical Radiography, fast.ai forums" in readme
+    else:
+        assert "self-supervised-learning" in tags and "Caron et al., Emerging Properties" in readme
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """A tiny synthetic PACS export (real DICOM/PNG/JPEG files with planted PHI)."""
@@ -246,7 +267,7 @@ def test_export_of_ingested_synthetic_archive_leaks_no_planted_phi(tmp_path, mon
 def test_preprocess_of_a_file_reproduces_the_ingested_pixels(tmp_path, monkeypatch, archive):
     """load_encoder's preprocessing of a raw DICOM/PNG/JPEG file == what ingest stored for it (CR, DX, CT, MR ...)."""
     ingest_mod = pytest.importorskip("radpretrain.data.ingest")
-    from radpretrain.export import Preprocess
+    from radpretrain.encoder import Preprocess
 
     monkeypatch.setenv("RADPRETRAIN_DEID_KEY", "test-key-export")
     ingest_mod.ingest([archive], tmp_path / "store", workers=1, progress=False, keep_paths=True, max_size=96)

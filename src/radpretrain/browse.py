@@ -31,9 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
+from radpretrain.data.dataset import StoreDataset
+from radpretrain.data.geometry import letterbox
+from radpretrain.data.store import Store
+from radpretrain.encoder import load_encoder, preprocess_from_meta
 from radpretrain.errors import UserError
+from radpretrain.models.weights import find_encoder_files
 from radpretrain.utils import get_logger, read_json, write_json
 
 log = get_logger("browse")
@@ -99,11 +108,6 @@ def embed_store(dataset, encoder, out, batch_size: int = 64, image_size: int | N
     ``max_parts`` stops after computing that many new parts (used to test resuming);
     the final file is then not written yet.
     """
-    from radpretrain.data.dataset import StoreDataset
-    from radpretrain.data.store import Store
-    from radpretrain.export import load_encoder, preprocess_from_meta
-    from radpretrain.models.weights import find_encoder_files
-
     out = Path(out)
     if out.suffix != ".parquet":
         raise UserError(f"{out}: the output must be a .parquet file")
@@ -125,8 +129,6 @@ def embed_store(dataset, encoder, out, batch_size: int = 64, image_size: int | N
     }
     if out.is_file():
         try:
-            import pyarrow.parquet as pq
-
             old = json.loads((pq.read_schema(out).metadata or {}).get(b"radpretrain", b"{}"))
         except Exception:
             old = {}
@@ -151,7 +153,6 @@ def embed_store(dataset, encoder, out, batch_size: int = 64, image_size: int | N
     todo = [p for p in range(n_parts) if not _part_ok(parts_dir, p, ids, part_size)]
     if len(todo) < n_parts:
         log.info("resuming: %d of %d parts already done", n_parts - len(todo), n_parts)
-    from tqdm.auto import tqdm
 
     remaining = sum(min(part_size, len(ids) - p * part_size) for p in todo)
     done_new = 0
@@ -185,8 +186,6 @@ def _part_path(parts_dir: Path, p: int) -> Path:
 
 
 def _embedding_table(ids, X: np.ndarray, metadata: dict | None = None):
-    import pyarrow as pa
-
     X = np.ascontiguousarray(X, dtype=np.float32)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), type=pa.float32()), X.shape[1])
     table = pa.table({"image_id": pa.array([str(i) for i in ids], type=pa.string()), "embedding": vec})
@@ -196,8 +195,6 @@ def _embedding_table(ids, X: np.ndarray, metadata: dict | None = None):
 
 
 def _write_part(parts_dir: Path, p: int, ids, X: np.ndarray) -> None:
-    import pyarrow.parquet as pq
-
     path = _part_path(parts_dir, p)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(_embedding_table(ids, X), tmp)
@@ -209,7 +206,6 @@ def _part_ok(parts_dir: Path, p: int, ids, part_size: int) -> bool:
     path = _part_path(parts_dir, p)
     if not path.is_file():
         return False
-    import pyarrow.parquet as pq
 
     lo, hi = p * part_size, min(len(ids), (p + 1) * part_size)
     try:
@@ -221,9 +217,6 @@ def _part_ok(parts_dir: Path, p: int, ids, part_size: int) -> bool:
 
 
 def _merge_parts(parts_dir: Path, n_parts: int, ids, out: Path, job: dict, model, pre) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     tables = [pq.read_table(_part_path(parts_dir, p)) for p in range(n_parts)]
     table = pa.concat_tables(tables)
     got = table.column("image_id").to_pylist()
@@ -241,8 +234,6 @@ def _merge_parts(parts_dir: Path, n_parts: int, ids, out: Path, job: dict, model
 
 def read_embeddings(path) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids, X float32 [N, D])`` from an embeddings parquet file."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: embeddings file not found (write one with 'radpretrain embed')")
@@ -289,7 +280,7 @@ def run_neighbors(args) -> int:
 
 def nearest(embeddings, image_id: str, k: int = 10, data=None) -> pd.DataFrame:
     """The ``k`` most similar images to ``image_id`` (itself excluded), best first."""
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only for neighbours and clusters
 
     if k < 1:
         raise UserError("-k must be at least 1")
@@ -312,8 +303,6 @@ def nearest(embeddings, image_id: str, k: int = 10, data=None) -> pd.DataFrame:
 
 
 def _manifest_fields(data) -> pd.DataFrame:
-    from radpretrain.data.store import Store
-
     images = Store(data).images
     cols = ["image_id"] + [c for c in SHOW_FIELDS if c in images.columns]
     return images[cols].astype({"image_id": str})
@@ -351,7 +340,7 @@ def kmeans(X: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int = 5
     objective (one run often splits a big group and merges two small ones).
     Clusters are renumbered by size, largest first.
     """
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only for neighbours and clusters
 
     Xn = _normalise(X)
     n, d = Xn.shape
@@ -371,8 +360,6 @@ def kmeans(X: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int = 5
 def cluster_embeddings(embeddings, data, k: int, out, per_cluster: int = 32, thumb_size: int = 96,
                        seed: int = 0, niter: int = 25) -> Path:
     """k-means over ``embeddings``; writes ``clusters.parquet`` and ``index.html`` into ``out``."""
-    from radpretrain.data.store import Store
-
     ids, X = read_embeddings(embeddings)
     store = Store(data)
     labels, sims, _ = kmeans(X, k, seed=seed, niter=niter)
@@ -401,15 +388,11 @@ def cluster_embeddings(embeddings, data, k: int, out, per_cluster: int = 32, thu
 
 
 def _thumb(img: np.ndarray, size: int) -> np.ndarray:
-    from radpretrain.data.dataset import letterbox
-
     return (letterbox(img, size)[0] * 255 + 0.5).astype(np.uint8)
 
 
 def _mosaic_png(store, rows: list[int], size: int, cols: int = 8) -> str:
     """Base64 PNG of a grid of thumbnails of store rows ``rows``."""
-    from PIL import Image
-
     n = len(rows)
     cols = max(1, min(cols, n))
     nrows = (n + cols - 1) // cols

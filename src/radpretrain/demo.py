@@ -12,10 +12,12 @@ so the demo also documents the commands: they are printed before each stage.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
 from pathlib import Path
 
+from radpretrain.cli import main as cli_main
 from radpretrain.errors import UserError
 from radpretrain.utils import read_json
 
@@ -52,10 +54,6 @@ def add_arguments(p) -> None:
 
 def _step(title: str, argv: list[str], stdout_to: Path | None = None) -> None:
     """Run one stage through the CLI; ``stdout_to`` keeps a stage's machine-readable stdout in a file."""
-    import contextlib
-
-    from radpretrain.cli import main as cli_main
-
     print(f"\n== {title}\n$ radpretrain {shlex.join(argv)}", flush=True)
     t0 = time.time()
     if stdout_to is not None:

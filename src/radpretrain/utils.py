@@ -8,9 +8,12 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # a pretraining run's compute spent (wall seconds, steps, images seen, device): written by the engine at
 # the end of a run, read by evaluate (recorded per run init) and compare
@@ -56,17 +59,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
@@ -100,8 +98,6 @@ def add_file_log(path: str | Path) -> logging.Handler:
 
 def idle_cpus(window: float = 0.5) -> float | None:
     """How many CPU cores were idle over the next ``window`` seconds (Linux ``/proc/stat``); None if unknown."""
-    import time
-
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             vals = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal

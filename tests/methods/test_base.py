@@ -83,3 +83,93 @@ def test_freeze_bn_stats_keeps_the_encoder_statistics_but_trains_its_weights(fre
         assert not torch.allclose(bn.running_mean, torch.full((4,), 0.3))
     m.eval()
     assert not bn.training and not m.head_bn.training
+
+
+# -- methods describe themselves -------------------------------------------------------------
+def test_every_discovered_method_describes_itself_and_has_its_preset():
+    from radpretrain.config import is_preset
+    from radpretrain.methods import METHODS, discover, get_method, method_modules
+    from radpretrain.methods.base import Paper, Supervision
+
+    names = discover()
+    assert set(names) >= {"mae", "simclr", "dino", "deepcluster", "genesis", "metadata"}
+    assert "radpretrain.methods.base" not in method_modules()
+    for name in names:
+        cls = get_method(name)
+        assert cls is METHODS[name] and cls.method_name == name
+        assert cls.display_name and isinstance(cls.paper, Paper) and isinstance(cls.supervision, Supervision)
+        assert cls.paper.title in cls.paper.reference() and is_preset(f"{name}_cpu")
+    assert get_method("mae").paper.reference() == (
+        "He et al., Masked Autoencoders Are Scalable Vision Learners, CVPR 2022 (arXiv:2111.06377)")
+    assert get_method("metadata").supervision.hub_tag == "weakly-supervised-learning"
+    assert get_method("simclr").supervision.hub_tag == "self-supervised-learning"
+    with pytest.raises(UserError, match=r"unknown method 'nope' \(choose from .*mae"):
+        get_method("nope")
+
+
+def test_register_refuses_a_method_that_does_not_say_what_it_is_or_has_no_preset():
+    from radpretrain.methods import discover
+    from radpretrain.methods.base import METHODS, Paper, PretrainMethod, Supervision, register
+
+    paper = Paper("A title", ("Doe",), 2024, "Venue", "https://example.org/paper")
+
+    class Unnamed(PretrainMethod):
+        paper = None
+        supervision = Supervision.CONTRASTIVE
+
+    with pytest.raises(TypeError, match="display_name"):
+        register("simclr")(Unnamed)
+
+    class NoPaper(PretrainMethod):
+        display_name = "No paper"
+        supervision = Supervision.CONTRASTIVE
+
+    with pytest.raises(TypeError, match="paper"):
+        register("simclr")(NoPaper)
+
+    class NoPreset(PretrainMethod):
+        display_name = "No preset"
+        paper = Paper("A title", ("Doe",), 2024, "Venue", "https://example.org/paper")
+        supervision = Supervision.RESTORATION
+
+    with pytest.raises(UserError, match=r"'nopreset' .* has no packaged preset configs/nopreset_cpu.yaml"):
+        register("nopreset")(NoPreset)
+    assert "nopreset" not in METHODS
+
+    class Impostor(PretrainMethod):
+        display_name = "Impostor"
+        paper = Paper("A title", ("Doe",), 2024, "Venue", "https://example.org/paper")
+        supervision = Supervision.CONTRASTIVE
+
+    discover()  # every shipped method registered
+    with pytest.raises(TypeError, match="'simclr' is already registered by radpretrain.methods.simclr"):
+        register("simclr")(Impostor)
+    assert METHODS["simclr"].__module__ == "radpretrain.methods.simclr"
+    assert paper.reference() == "Doe, A title, Venue 2024 (https://example.org/paper)"
+
+
+def _grid_columns(path) -> int:
+    import numpy as np
+    from PIL import Image
+
+    grid = np.asarray(Image.open(path))
+    return grid.shape[1]
+
+
+@pytest.mark.parametrize("n", [3, 12])
+def test_previews_show_previews_n_images(tmp_path, n):
+    from radpretrain.data.dataset import StoreDataset
+    from radpretrain.methods.simclr import SimCLR
+    from radpretrain.synthetic.toy import make_toy_store
+
+    root = make_toy_store(tmp_path / "toy", n_patients=8, images_per_patient=2)
+    ds = StoreDataset(root, image_size=16)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(16)])
+    m = SimCLR({"seed": 0, "data": {"image_size": 16, "mean": 0.3, "std": 0.2}, "previews": {"n": n},
+                "model": {"backbone": "resnet18", "pretrained": "none"}})
+    m.train()
+    (p,) = m.save_previews(batch, tmp_path / "previews")
+    assert p.name == "simclr_views_step0000000.png" and m.training  # the training mode is restored
+    assert _grid_columns(p) == n * (16 + 2)  # n images and their 2-px gaps per row (was always 8)
+    m.cfg["previews"]["n"] = 0
+    assert m.save_previews(batch, tmp_path / "none") == []

@@ -14,7 +14,8 @@ from radpretrain.browse import embed_store
 from radpretrain.cli import main
 from radpretrain.errors import UserError
 from radpretrain.evaluate.inits import build_init, parse_init
-from radpretrain.export import export_encoder, load_encoder
+from radpretrain.encoder import load_encoder
+from radpretrain.export import export_encoder
 from radpretrain.models.backbones import WEIGHTS_ENV, create_backbone
 from radpretrain.pretrain import pretrain
 

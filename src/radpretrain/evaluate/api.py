@@ -37,6 +37,7 @@ from radpretrain.evaluate.metrics import metric_value, primary_metric
 from radpretrain.evaluate.options import parse_options
 from radpretrain.evaluate.progress import bar, cell_progress
 from radpretrain.evaluate.protocols import FoldData, Protocol, get_protocol
+from radpretrain.evaluate.report import write_report
 from radpretrain.evaluate.results import GROUPS_FILE, froc_outputs, group_records, group_summary, summarise
 from radpretrain.evaluate.target import parse_fractions, resolve_target
 from radpretrain.utils import COMPUTE_FILE, get_logger, package_versions, read_json, write_json
@@ -223,10 +224,7 @@ def evaluate(data: str | Path, target: str, inits: Sequence[str | InitSpec], *, 
         table.to_csv(out / GROUPS_FILE, index=False)
         summary["groups"] = {"members": groups, "rows": group_records(table, results, groups)}
     write_json(out / "summary.json", summary)
-    if report:
-        # matplotlib is loaded only when a report is written (--quiet-report skips it)
-        from radpretrain.evaluate.report import write_report
-
+    if report:  # matplotlib is loaded only when a report is written (--quiet-report skips it)
         paths = write_report(out)
         log.info("report: %s", paths[0])
     return summary

@@ -58,7 +58,8 @@ def extract_features(encoder, images, pool: str = "default", batch_size: int = 6
     ``images``: ``uint8`` [N, 1, S, S] or an :class:`~radpretrain.evaluate.device.ImageFeeder`.
     ``pool``: ``default`` (the model's own pooled output) or, for ViTs, ``mean`` (patch tokens
     averaged), ``cls`` (the class token) or ``flat`` (all patch tokens concatenated), the three
-    aggregations the MAE pilot compared.  ``runtime`` (default: the CPU in float32) says where
+    aggregations the MAE pilot study compared (Bühler, *Pilot Study For Large-Scale Radiograph
+    Pre-training*, TU München).  ``runtime`` (default: the CPU in float32) says where
     and in which precision; the encoder is moved there.
     """
     if pool not in POOLS:

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from radpretrain.data import splits as S
 from radpretrain.errors import UserError
+from radpretrain.utils import read_json
 
 
 @dataclass
@@ -43,9 +45,6 @@ class FoldSet:
 
 def load_or_make_splits(store, target_column: str | None, n_folds: int | None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """The splits table of the store (checked for leakage), or one made for this evaluation."""
-    from radpretrain.data import splits as S
-    from radpretrain.utils import read_json
-
     path = store.root / S.SPLITS
     if path.is_file():
         df = S.load_splits(store.root)
@@ -69,8 +68,6 @@ def load_or_make_splits(store, target_column: str | None, n_folds: int | None, s
 def fold_sets(table: pd.DataFrame, splits: pd.DataFrame, fractions: list[float], n_eval_folds: int,
               val: float = 0.1, val_fraction: str = "same") -> list[FoldSet]:
     """The train/val/test positions (into ``table``) of every (fold, fraction), in a fixed order."""
-    from radpretrain.data.splits import carve_val, select
-
     pos = pd.Series(np.arange(len(table)), index=table["image_id"].astype(str).to_numpy())
     df = splits[splits["image_id"].astype(str).isin(pos.index)]
     if "keep" in df.columns:
@@ -81,12 +78,12 @@ def fold_sets(table: pd.DataFrame, splits: pd.DataFrame, fractions: list[float],
 
     out = []
     for k in sorted(int(f) for f in df["fold"].unique())[:n_eval_folds]:
-        test = select(df, fold=k, respect_keep=False)
-        rest = select(df, exclude_fold=k, respect_keep=False)
-        train_df, val_df = carve_val(rest, val)
+        test = S.select(df, fold=k, respect_keep=False)
+        rest = S.select(df, exclude_fold=k, respect_keep=False)
+        train_df, val_df = S.carve_val(rest, val)
         for f in fractions:
-            tr = select(train_df, fraction=f, respect_keep=False)
-            va = select(val_df, fraction=f, respect_keep=False) if val_fraction == "same" else val_df
+            tr = S.select(train_df, fraction=f, respect_keep=False)
+            va = S.select(val_df, fraction=f, respect_keep=False) if val_fraction == "same" else val_df
             out.append(FoldSet(k, float(f), rows(tr), rows(va), rows(test)))
     return out
 

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from radpretrain.errors import UserError
+from radpretrain.models.backbones import create_backbone, grey_stats, is_vit, prefers_channels_last, resolve_arch
+from radpretrain.models.weights import load_run_encoder, read_state_dict
 from radpretrain.utils import get_logger
 
 log = get_logger("evaluate")
@@ -158,7 +160,6 @@ class InitEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, mean, std, channels: int = 1):
         super().__init__()
-        from radpretrain.models.backbones import prefers_channels_last
 
         if prefers_channels_last(model, "cpu"):  # same values, faster depthwise convolutions on CPU
             model = model.to(memory_format=torch.channels_last)
@@ -197,22 +198,16 @@ class BuiltInit:
 
 def _create(name: str, pretrained, in_chans: int, img_size: int | None) -> nn.Module:
     """The project's backbone factory (``img_size`` only reaches ViTs)."""
-    from radpretrain.models.backbones import create_backbone
-
     return create_backbone(name, in_chans=in_chans, pretrained=pretrained, img_size=img_size)
 
 
 def _needs_img_size(name: str) -> bool:
-    from radpretrain.models.backbones import is_vit, resolve_arch
-
     return is_vit(resolve_arch(name))
 
 
 def pretrained_grey_stats(model: nn.Module, channels: int = 1) -> tuple[list[float], list[float]]:
     """The weights' own mean/std from ``pretrained_cfg``; averaged to grey when ``channels == 1``."""
     if channels == 1:
-        from radpretrain.models.backbones import grey_stats
-
         m, s = grey_stats(model)
         return [m], [s]
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -242,8 +237,6 @@ def build_init(spec: InitSpec, backbone: str, image_size: int, store_stats: tupl
         return BuiltInit(spec, InitEncoder(model, mean, std, channels),
                          {"arch": backbone, "mean": mean, "std": std, "stats": "pretrained_cfg", "grey": grey})
     if spec.kind == "run":
-        from radpretrain.models.weights import load_run_encoder
-
         model, meta = load_run_encoder(spec.path)
         pre = meta.get("preprocessing") or {}
         if "mean" not in pre or "std" not in pre:
@@ -261,7 +254,6 @@ def build_init(spec: InitSpec, backbone: str, image_size: int, store_stats: tupl
     if spec.kind == "state_dict":
         arch = spec.arch or backbone
         model = _create(arch, None, 1, img_size if _needs_img_size(arch) else None)
-        from radpretrain.models.weights import read_state_dict
 
         state = read_state_dict(spec.path)
         report = load_mapped_state(model, state, opts, source=spec.path)

@@ -32,6 +32,7 @@ from typing import Callable, ClassVar, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from radpretrain.errors import UserError
@@ -99,15 +100,13 @@ def linear_probe(task: str, n_classes: int, Xtr, ytr, Xva, yva, Xte, opts: dict 
     regularisation path).  BLAS runs single-threaded here: these fits are small, and
     multi-threaded BLAS on a busy 2-core machine was measured 4x slower.
     """
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1, user_api="blas"):
         return _linear_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed)
 
 
 def _linear_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed) -> ProbeResult:
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression, Ridge  # heavy: more than a second to import
+    from sklearn.preprocessing import StandardScaler  # heavy: more than a second to import
 
     o = {**DEFAULTS["linear"], **(opts or {})}
     t0 = time.time()
@@ -142,14 +141,12 @@ def _linear_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed)
 def knn_probe(task: str, n_classes: int, Xtr, ytr, Xva, yva, Xte, opts: dict | None = None,
               balance: str = "none", seed: int = 0) -> ProbeResult:
     """Cosine kNN with ``k`` chosen on val (single-threaded BLAS, see :func:`linear_probe`)."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1, user_api="blas"):
         return _knn_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed)
 
 
 def _knn_probe(task, n_classes, Xtr, ytr, Xva, yva, Xte, opts, balance, seed) -> ProbeResult:
-    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor  # heavy: more than a second to import
 
     o = {**DEFAULTS["knn"], **(opts or {})}
     t0 = time.time()

@@ -22,14 +22,17 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, METRIC_LABELS, primary_metric
+from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, METRIC_LABELS, froc_curve, primary_metric
 from radpretrain.htmlpage import count, duration, fmt, fmt_p, html_table, img, kv_table, link, md_table, page, png_bytes
 from radpretrain.utils import read_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {"scratch": "#7f7f7f", "imagenet": "#1f77b4"}
 PALETTE = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -40,6 +43,13 @@ def _color(init: str, inits: list[str]) -> str:
         return COLORS[init]
     others = [i for i in inits if i not in COLORS]
     return PALETTE[others.index(init) % len(PALETTE)] if init in others else "#000"
+
+
+def _figure(**kw) -> "Figure":
+    """A matplotlib figure (no pyplot, no display)."""
+    from matplotlib.figure import Figure  # heavy: loaded only when a report is drawn
+
+    return Figure(**kw)
 
 
 def _frac(f) -> str:
@@ -59,7 +69,7 @@ def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str],
     groups = groups or {}
     member = {m: g for g, ms in groups.items() for m in ms}
     names = [i for i in inits if i not in member] + list(groups)  # one colour per single init and per group
-    fig = Figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
+    fig = _figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
     axes = fig.subplots(1, len(protos), squeeze=False)[0]
     for ax, proto in zip(axes, protos):
         g = pooled[pooled["protocol"] == proto]
@@ -98,12 +108,12 @@ def fig_label_efficiency(results: pd.DataFrame, metric: str, inits: list[str],
 
 
 def fig_roc(preds: pd.DataFrame, inits: list[str]) -> Figure | None:
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # heavy: more than a second to import
 
     protos = list(dict.fromkeys(preds["protocol"]))
     fracs = sorted(preds["fraction"].unique())
     show = [fracs[0]] + ([fracs[-1]] if len(fracs) > 1 else [])
-    fig = Figure(figsize=(3.6 * len(show), 3.4 * len(protos)), layout="constrained")
+    fig = _figure(figsize=(3.6 * len(show), 3.4 * len(protos)), layout="constrained")
     axes = fig.subplots(len(protos), len(show), squeeze=False)
     for i, proto in enumerate(protos):
         for j, fr in enumerate(show):
@@ -123,13 +133,13 @@ def fig_roc(preds: pd.DataFrame, inits: list[str]) -> Figure | None:
 
 
 def fig_confusion(preds: pd.DataFrame, task: str, classes: list[str], inits: list[str]) -> Figure | None:
-    from sklearn.metrics import confusion_matrix
+    from sklearn.metrics import confusion_matrix  # heavy: more than a second to import
 
     protos = list(dict.fromkeys(preds["protocol"]))
     fracs = sorted(preds["fraction"].unique())
     fr = fracs[0]
     n = len(classes)
-    fig = Figure(figsize=(2.6 * len(inits) + 0.5, 2.6 * len(protos) + 0.4), layout="constrained")
+    fig = _figure(figsize=(2.6 * len(inits) + 0.5, 2.6 * len(protos) + 0.4), layout="constrained")
     axes = fig.subplots(len(protos), len(inits), squeeze=False)
     for i, proto in enumerate(protos):
         for j, init in enumerate(inits):
@@ -158,7 +168,7 @@ def fig_confusion(preds: pd.DataFrame, task: str, classes: list[str], inits: lis
 def fig_regression(preds: pd.DataFrame, inits: list[str]) -> Figure | None:
     protos = list(dict.fromkeys(preds["protocol"]))
     fr = sorted(preds["fraction"].unique())[-1]
-    fig = Figure(figsize=(3.4 * len(protos), 3.4), layout="constrained")
+    fig = _figure(figsize=(3.4 * len(protos), 3.4), layout="constrained")
     axes = fig.subplots(1, len(protos), squeeze=False)[0]
     for ax, proto in zip(axes, protos):
         for init in inits:
@@ -177,7 +187,7 @@ def fig_losses(histories: dict, inits: list[str]) -> Figure | None:
     if not histories:
         return None
     fracs = sorted({k.split("/")[0] for h in histories.values() for k in h}, key=float)
-    fig = Figure(figsize=(3.8 * len(fracs), 3.2), layout="constrained")
+    fig = _figure(figsize=(3.8 * len(fracs), 3.2), layout="constrained")
     axes = fig.subplots(1, len(fracs), squeeze=False)[0]
     for ax, fr in zip(axes, fracs):
         for init in inits:
@@ -203,14 +213,12 @@ def fig_losses(histories: dict, inits: list[str]) -> Figure | None:
 
 def fig_froc(cands: pd.DataFrame, inits: list[str], points, fp_weight: float = 1.0) -> Figure | None:
     """FROC curves (candidate level) of the largest label fraction, one panel per protocol."""
-    from radpretrain.evaluate.metrics import froc_curve
-
     if cands is None or not len(cands):
         return None
     protos = list(dict.fromkeys(cands["protocol"]))
     fr = sorted(cands["fraction"].unique())[-1]
     lo, hi = min(points) / 2, max(points) * 2
-    fig = Figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
+    fig = _figure(figsize=(4.2 * len(protos), 3.4), layout="constrained")
     axes = fig.subplots(1, len(protos), squeeze=False)[0]
     for ax, proto in zip(axes, protos):
         for init in inits:

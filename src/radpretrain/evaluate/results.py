@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from radpretrain.data.patches import CANDIDATE_COLUMN, SCAN_COLUMN, fp_weight
 from radpretrain.evaluate.metrics import (
-    TASK_METRICS, delong_test, metric_value, metric_with_ci, paired_bootstrap, paired_bootstrap_mean, primary_metric,
+    FROC_FPS, TASK_METRICS, delong_test, froc_with_ci, metric_value, metric_with_ci, paired_bootstrap,
+    paired_bootstrap_mean, primary_metric,
 )
 
 REFERENCES = ("scratch", "imagenet")
@@ -189,8 +193,6 @@ def candidate_predictions(preds: pd.DataFrame, images: pd.DataFrame) -> pd.DataF
     ``images``: the store's images with the candidate and scan columns of a patch store.
     Columns: init, protocol, fraction, candidate_id, scan_id, patient_id, fold, y_true, score, n_patches.
     """
-    from radpretrain.data.patches import CANDIDATE_COLUMN, SCAN_COLUMN
-
     ids = images[["image_id", CANDIDATE_COLUMN, SCAN_COLUMN]]
     j = preds[["image_id", "patient_id", "fold", "fraction", "init", "protocol", "y_true", "y_score"]].merge(
         ids, on="image_id", how="left")
@@ -203,8 +205,6 @@ def candidate_predictions(preds: pd.DataFrame, images: pd.DataFrame) -> pd.DataF
 def froc_results(cands: pd.DataFrame, fp_weight: float = 1.0, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Tidy FROC results: init, protocol, fraction, point (FPs per scan, or ``cpm``), value, ci_low,
     ci_high, n_candidates, n_positives, n_scans; 95 % CIs by the patient bootstrap."""
-    from radpretrain.evaluate.metrics import FROC_FPS, froc_with_ci
-
     rows = []
     for (init, proto, frac), g in cands.groupby(["init", "protocol", "fraction"], sort=False):
         r = froc_with_ci(g["y_true"].to_numpy(), g["score"].to_numpy(float), g["scan_id"].to_numpy(),
@@ -224,11 +224,6 @@ def froc_outputs(out, preds: pd.DataFrame, images: pd.DataFrame, store_meta: dic
     """FROC of a binary task on a candidate-patch store: writes ``froc.csv`` and
     ``froc_predictions.parquet`` into ``out`` and returns the ``froc`` block of ``summary.json``
     (None, and nothing written, for other tasks and stores)."""
-    from pathlib import Path
-
-    from radpretrain.data.patches import CANDIDATE_COLUMN, SCAN_COLUMN, fp_weight
-    from radpretrain.evaluate.metrics import FROC_FPS
-
     if task != "binary" or SCAN_COLUMN not in images.columns or CANDIDATE_COLUMN not in images.columns:
         return None
     cands = candidate_predictions(preds, images)

@@ -10,7 +10,9 @@ avoided as in the paper: an empty cluster takes the centroid of a non-empty one
 with a small perturbation and the points of that cluster are shared between the
 two (see :func:`fix_empty_clusters`).
 
-The sarcoma study (seeds 000/001) pretrained an ImageNet-initialised ResNet50 on
+The Ewing sarcoma study, Hinterwimmer et al., *From Self-supervised Learning to
+Transfer Learning with Musculoskeletal Radiographs* (CDBME 2022,
+doi:10.1515/cdbme-2022-1003), pretrained an ImageNet-initialised ResNet50 on
 42,608 musculoskeletal radiographs with 1,000 clusters, batch 512, learning rate
 0.05 and 500 epochs (``configs/deepcluster_sarcoma.yaml``); it reported an NMI of
 0.930 between consecutive assignments and cluster sizes 2..135 (quartiles 20, 46,
@@ -42,13 +44,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from radpretrain import clustering
 from radpretrain.config import get
 from radpretrain.data.geometry import finish_batch
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 from radpretrain.settings import probability
 from radpretrain.transforms import random_resized_crop_flip
 from radpretrain.utils import get_logger
@@ -70,8 +73,6 @@ def pca_whiten_l2(features: np.ndarray, dim: int = 256, eps: float = 1e-5) -> np
     k = int(max(1, min(dim, d, n - 1)))
     xc = x - x.mean(0, keepdims=True)
     # Multi-threaded LAPACK on small matrices is slow (and dreadful on a busy machine): one thread.
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1 if min(n, d) <= 4096 else None, user_api="blas"):
         if n > d:
             evals, evecs = np.linalg.eigh(xc.T @ xc / max(1, n - 1))
@@ -125,7 +126,7 @@ def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
 
 def faiss_gpus() -> int:
     """GPUs faiss can use (0 for faiss-cpu, which has no ``get_num_gpus`` or reports none)."""
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only when clustering
 
     try:
         return int(faiss.get_num_gpus())
@@ -138,7 +139,7 @@ def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int
 
     Returns ``{"labels": int64 [N], "centroids": [K, D], "objective": float, "n_empty_fixed": int}``.
     """
-    import faiss
+    import faiss  # native (CPU or GPU build): loaded only when clustering
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -167,7 +168,7 @@ def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
     """Normalised mutual information between two assignments (scikit-learn, arithmetic mean)."""
-    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics import normalized_mutual_info_score  # heavy: more than a second to import
 
     return float(normalized_mutual_info_score(np.asarray(a), np.asarray(b)))
 
@@ -228,8 +229,14 @@ class DeepClusterSection:
 
 @register("deepcluster")
 class DeepCluster(PretrainMethod):
-    config_sections = {"deepcluster": DeepClusterSection}
     """DeepCluster (Caron et al. 2018) on a timm backbone; keys under ``deepcluster.`` (see configs/deepcluster_cpu.yaml)."""
+
+    display_name = "DeepCluster"
+    paper = Paper("Deep Clustering for Unsupervised Learning of Visual Features",
+                  ("Caron", "Bojanowski", "Joulin", "Douze"), 2018, "ECCV", "https://arxiv.org/abs/1807.05520")
+    supervision = Supervision.CLUSTERING
+    config_sections = {"deepcluster": DeepClusterSection}
+    preview_name = "clusters"
 
     # The sampler reads the current assignment each time it is iterated, so the loader need not be
     # rebuilt every epoch (which would also restart its worker processes twice per epoch).
@@ -237,15 +244,10 @@ class DeepCluster(PretrainMethod):
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from radpretrain.models.backbones import create_backbone
-
         if str(get(cfg, "data.resize", "letterbox")) == "bucket":
             raise UserError("deepcluster needs data.resize=letterbox: its sampler draws images uniformly over "
                             "clusters, which aspect-ratio buckets (data.resize=bucket) would override")
-        self.encoder = create_backbone(str(get(cfg, "model.backbone", "resnet50")), in_chans=1,
-                                       pretrained=get(cfg, "model.pretrained", None),
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        self.build_encoder()
         self.num_clusters = int(get(cfg, "deepcluster.num_clusters", 100))
         self.pca_dim = int(get(cfg, "deepcluster.pca_dim", 256))
         self.kmeans_iters = int(get(cfg, "deepcluster.kmeans_iters", 20))
@@ -271,7 +273,7 @@ class DeepCluster(PretrainMethod):
     def train_sampler(self, dataset):
         if len(dataset) < self.num_clusters:
             raise UserError(f"deepcluster.num_clusters={self.num_clusters} is more than the {len(dataset)} training "
-                            "images; lower it (the sarcoma study used about 43 images per cluster)")
+                            "images; lower it (Hinterwimmer et al. 2022 used about 43 images per cluster)")
         self.dataset = dataset
         return ClusterUniformSampler(self, len(dataset), seed=self.seed)
 
@@ -497,26 +499,25 @@ class DeepCluster(PretrainMethod):
         return meta
 
     # -- previews ----------------------------------------------------------------
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        """``clusters_stepN.png``: one row per cluster (8 clusters, the largest first), 8 thumbnails each."""
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """One row per cluster (``previews.n`` clusters, the largest first), ``previews.n`` random
+        members each, from the training dataset (the batch is not used); none before the first clustering."""
         if self.labels is None or self.dataset is None:
             return []
+        n = self.preview_count()
         sizes = np.bincount(self.labels, minlength=self.num_clusters)
-        order = np.argsort(-sizes, kind="stable")[:8]
+        order = np.argsort(-sizes, kind="stable")[:n]
         rng = np.random.default_rng(self.seed)
         rows = []
         for c in order:
             members = np.flatnonzero(self.labels == c)
             if len(members) == 0:
                 continue
-            pick = rng.choice(members, size=min(8, len(members)), replace=False)
+            pick = rng.choice(members, size=min(n, len(members)), replace=False)
             items = [self.dataset[int(p)] for p in pick]
             collate = getattr(self.dataset, "collate", torch.utils.data.default_collate)
             imgs = finish_batch(collate(items))["image"]
             if imgs.shape[-1] > 64:
                 imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
             rows.append(imgs)
-        if not rows:
-            return []
-        step = self.global_step if self._trainer is not None else 0
-        return [save_image_grid(rows, Path(out_dir) / f"clusters_step{step:07d}.png")]
+        return rows

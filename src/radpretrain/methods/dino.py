@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from torch import nn
 
 from radpretrain.config import get
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 from radpretrain.settings import probability
 from radpretrain.transforms import AugmentSection, GreyAugment
 
@@ -63,31 +62,31 @@ class DINOSection:
 
 @register("dino")
 class DINO(PretrainMethod):
-    config_sections = {"dino": DINOSection, "augment": AugmentSection}
     """DINO on any timm backbone; config keys under ``dino.`` and ``augment.``."""
+
+    display_name = "DINO (self-distillation, teacher exported)"
+    paper = Paper("Emerging Properties in Self-Supervised Vision Transformers",
+                  ("Caron", "Touvron", "Misra", "Jégou", "Mairal", "Bojanowski", "Joulin"), 2021, "ICCV",
+                  "https://arxiv.org/abs/2104.14294")
+    supervision = Supervision.SELF_DISTILLATION
+    config_sections = {"dino": DINOSection, "augment": AugmentSection}
+    preview_name = "dino_views"
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from lightly.loss import DINOLoss
-        from lightly.models.modules import DINOProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
-
-        from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
+        from lightly.loss import DINOLoss  # heavy (torchvision): imported when a DINO model is built
+        from lightly.models.modules import DINOProjectionHead  # heavy, as above
+        from lightly.models.utils import deactivate_requires_grad  # heavy, as above
 
         image_size = int(get(cfg, "data.image_size", 224))
         self.n_local = int(get(cfg, "dino.n_local", 4))
         self.local_size = int(get(cfg, "dino.local_size", None) or max(8, image_size // 2))
-        vit_kw = {}
-        if is_vit(resolve_arch(get(cfg, "model.backbone", "resnet18"))):
+        if self.backbone_is_vit():
             patch = int(get(cfg, "model.patch_size", 16) or 16)
             if self.n_local and self.local_size % patch:
                 raise UserError(f"dino.local_size={self.local_size} must be a multiple of model.patch_size={patch}")
-            # the student sees global and local views: timm resamples the position embeddings
-            vit_kw = {"img_size": image_size, "patch_size": patch, "dynamic_img_size": True}
-        self.encoder = create_backbone(get(cfg, "model.backbone", "resnet18"), in_chans=1,
-                                       pretrained=get(cfg, "model.pretrained", None),
-                                       **{**vit_kw, **(get(cfg, "model.kwargs", {}) or {})})
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        # a ViT student sees global and local views: timm resamples the position embeddings
+        self.build_encoder(dynamic_img_size=True)
         dim = self.encoder.num_features
         self.output_dim = int(get(cfg, "dino.output_dim", 65536))
         head_kw = dict(input_dim=dim, hidden_dim=int(get(cfg, "dino.hidden_dim", 2048)),
@@ -140,7 +139,7 @@ class DINO(PretrainMethod):
 
     # -- teacher: EMA of the student after each optimiser step ---------------
     def momentum(self, step: int | None = None) -> float:
-        from lightly.utils.scheduler import cosine_schedule
+        from lightly.utils.scheduler import cosine_schedule  # heavy (torchvision), see __init__
 
         step = self.global_step if step is None else int(step)
         total = self.total_steps()
@@ -148,7 +147,7 @@ class DINO(PretrainMethod):
 
     @torch.no_grad()
     def update_teacher(self, m: float | None = None) -> None:
-        from lightly.models.utils import update_momentum
+        from lightly.models.utils import update_momentum  # heavy (torchvision), see __init__
 
         m = self.momentum() if m is None else float(m)
         update_momentum(self.encoder, self.teacher, m)
@@ -171,17 +170,14 @@ class DINO(PretrainMethod):
     def export_encoder_module(self) -> nn.Module:
         return self.teacher
 
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        img = batch["image"][:8].to(self.device)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(0)
-        with torch.no_grad():
-            glob, loc = self.views(img, g)
-            rows = [img, glob[0]]
-            if loc:  # local views shown at the input's size
-                rows.append(F.interpolate(loc[0], size=img.shape[-2:], mode="nearest"))
-        step = self.global_step if self._trainer is not None else 0
-        return [save_image_grid(rows, Path(out_dir) / f"dino_views_step{step:07d}.png")]
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Rows: input, a global view, a local view (shown at the input's size)."""
+        img = batch["image"]
+        glob, loc = self.views(img, generator)
+        rows = [img, glob[0]]
+        if loc:
+            rows.append(F.interpolate(loc[0], size=img.shape[-2:], mode="nearest"))
+        return rows
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()

@@ -4,9 +4,10 @@ Zhou, Sodha, Rahman Siddiquee, Feng, Tajbakhsh, Gotway, Liang, "Models Genesis:
 Generic Autodidactic Models for 3D Medical Image Analysis", MICCAI 2019
 (extended in Medical Image Analysis 67, 2021).  A U-Net sees a corrupted image and
 is trained with a mean-squared restoration loss to output the original; only its
-encoder is kept.  The thesis seed (004, "Models-Genesis-style 2D pretraining on 21
-mixed CT/MR/X-ray datasets") applies the idea to 2-D images with VGG16/ResNet50
-encoders and compares BatchNorm with InstanceNorm in the decoder.
+encoder is kept.  Song, *Comparison of self-supervised and ImageNet pretraining for
+medical image classification* (master's thesis, Politecnico di Torino, 2020) applies
+the idea to 2-D images of 21 mixed CT/MR/X-ray datasets with VGG16/ResNet50 encoders
+and compares BatchNorm with InstanceNorm in the decoder.
 
 Corruptions (:class:`radpretrain.transforms.GenesisCorruption`) are batched torch ops on
 the device, applied in the training and validation steps and drawn from the step's
@@ -37,14 +38,14 @@ and the clean [0, 1] image, on valid (non-padding) pixels only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from radpretrain.config import get
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
+from radpretrain.models.unet import UNet
 from radpretrain.settings import ModelSection
 from radpretrain.transforms import GenesisCorruption
 
@@ -69,7 +70,6 @@ class GenesisModelSection(ModelSection):
 
 @register("genesis")
 class Genesis(PretrainMethod):
-    config_sections = {"genesis": GenesisCorruption, "model": GenesisModelSection}
     """Models Genesis (Zhou et al. 2019) in 2-D: U-Net restoration of corrupted radiographs.
 
     Config: ``model.backbone`` (a timm CNN), ``model.pretrained``, ``model.decoder_norm``
@@ -77,18 +77,20 @@ class Genesis(PretrainMethod):
     corruption probabilities under ``genesis.`` (see :class:`GenesisCorruption`).
     """
 
+    display_name = "Models Genesis (image restoration)"
+    paper = Paper("Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis",
+                  ("Zhou", "Sodha", "Rahman Siddiquee", "Feng", "Tajbakhsh", "Gotway", "Liang"), 2019, "MICCAI",
+                  "https://arxiv.org/abs/1908.06912")
+    supervision = Supervision.RESTORATION
+    config_sections = {"genesis": GenesisCorruption, "model": GenesisModelSection}
+    preview_name = "genesis_restore"
+
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
-        from radpretrain.models.unet import UNet
-
-        name = str(get(cfg, "model.backbone", "resnet18"))
-        if is_vit(resolve_arch(name)):
+        if self.backbone_is_vit():
             raise UserError(f"genesis needs a CNN backbone with multi-scale features (resnet18/50, densenet121, "
-                            f"vgg16_bn, efficientnet_b0, ...), got model.backbone={name!r}")
-        self.encoder = create_backbone(name, in_chans=1, pretrained=get(cfg, "model.pretrained", None),
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+                            f"vgg16_bn, efficientnet_b0, ...), got model.backbone={self.backbone!r}")
+        self.build_encoder()
         self.unet = UNet(self.encoder, decoder_channels=get(cfg, "model.decoder_channels", None),
                          norm=str(get(cfg, "model.decoder_norm", "instance")))
         self.corruption = GenesisCorruption.from_cfg(cfg)
@@ -141,21 +143,10 @@ class Genesis(PretrainMethod):
         return meta
 
     # previews --------------------------------------------------------------
-    @torch.no_grad()
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        """``genesis_restore_stepN.png``: rows input / corrupted / restored (one column per image)."""
-        batch = {k: (v.detach()[:8].to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Rows: input, corrupted, restored (corruptions drawn from a generator seeded by ``seed``)."""
         if "corrupted" not in batch:
             g = torch.Generator(device=self.device)
             g.manual_seed(self.seed)
             batch = self.corrupt_batch(batch, g)
-        was_training = self.training
-        self.eval()
-        try:
-            restored = self.restore(batch["corrupted"].float()).float()
-        finally:
-            self.train(was_training)
-        step = self.global_step if self._trainer is not None else 0
-        path = Path(out_dir) / f"genesis_restore_step{step:07d}.png"
-        save_image_grid([batch["image"], batch["corrupted"], restored], path)
-        return [path]
+        return [batch["image"], batch["corrupted"], self.restore(batch["corrupted"].float()).float()]

@@ -1,9 +1,10 @@
 """Masked autoencoder (MAE).
 
 He, Chen, Xie, Li, Dollár, Girshick: *Masked Autoencoders Are Scalable Vision
-Learners*, CVPR 2022.  Used on radiographs by the MAE pilot study (seed 003:
-ViT, 224 px, mask ratio 0.75, early stopping on the validation loss with a
-patience of 10 epochs, ImageNet initialisation).
+Learners*, CVPR 2022.  Used on radiographs by the MAE pilot study: Bühler (supervised
+by Hager), *Pilot Study For Large-Scale Radiograph Pre-training*, TU München (ViT,
+224 px, mask ratio 0.75, early stopping on the validation loss with a patience of 10
+epochs, ImageNet initialisation).
 
 A random ``mask_ratio`` of the patches is hidden; the timm ViT encoder runs on the
 *visible* patches only (that is where MAE's speed comes from), a light
@@ -24,7 +25,6 @@ timm's); the decoder is discarded after pretraining.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from radpretrain.config import get
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 
 
 @dataclass
@@ -94,7 +94,7 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, patch: int, in_chans: int = 1):
         super().__init__()
-        from timm.models.vision_transformer import Block
+        from timm.models.vision_transformer import Block  # heavy (3 s): only where a model is built
 
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -119,26 +119,24 @@ class MAEDecoder(nn.Module):
 
 @register("mae")
 class MAE(PretrainMethod):
-    config_sections = {"mae": MAESection}
     """Masked autoencoder on a timm ViT; config keys under ``mae.`` (see configs/mae_cpu.yaml)."""
+
+    display_name = "Masked autoencoder (MAE)"
+    paper = Paper("Masked Autoencoders Are Scalable Vision Learners",
+                  ("He", "Chen", "Xie", "Li", "Dollár", "Girshick"), 2022, "CVPR", "https://arxiv.org/abs/2111.06377")
+    supervision = Supervision.MASKED_IMAGE_MODELLING
+    config_sections = {"mae": MAESection}
+    preview_name = "mae_reconstruction"
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
-
-        name = get(cfg, "model.backbone", "vit_tiny")
-        arch = resolve_arch(name)
-        if not is_vit(arch):
-            raise UserError(f"mae needs a ViT backbone (vit_tiny, vit_small, vit_base), got model.backbone={name!r}")
+        if not self.backbone_is_vit():
+            raise UserError(f"mae needs a ViT backbone (vit_tiny, vit_small, vit_base), got model.backbone={self.backbone!r}")
         image_size = int(get(cfg, "data.image_size", 224))
         patch = int(get(cfg, "model.patch_size", 16) or 16)
         if image_size % patch:
             raise UserError(f"data.image_size={image_size} must be a multiple of model.patch_size={patch}")
-        pretrained = get(cfg, "model.pretrained", None)
-        self.encoder = create_backbone(name, in_chans=1, pretrained=pretrained, img_size=image_size, patch_size=patch,
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
-        enc = self.encoder
+        enc = self.build_encoder()
         if getattr(enc, "reg_token", None) is not None or getattr(enc, "no_embed_class", False):
             raise UserError(f"{self.arch}: ViTs with register tokens / no_embed_class are not supported by mae")
         self.patch = patch
@@ -161,7 +159,7 @@ class MAE(PretrainMethod):
         pos = enc.pos_embed
         grid = tuple(enc.patch_embed.grid_size)
         if (gh, gw) != grid:
-            from timm.layers import resample_abs_pos_embed
+            from timm.layers import resample_abs_pos_embed  # heavy (3 s): only where a model is built
 
             pos = resample_abs_pos_embed(pos, new_size=(gh, gw), old_size=grid, num_prefix_tokens=n_prefix)
         return pos
@@ -248,20 +246,9 @@ class MAE(PretrainMethod):
         masked = unpatchify(target * (1 - m), p, gh, gw)
         return img, masked, recon
 
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        was_training = self.training
-        self.eval()
-        try:
-            batch = {k: (v[:8].to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            g = torch.Generator(device=self.device)
-            g.manual_seed(0)
-            img, masked, recon = self.reconstruct(batch, g)
-        finally:
-            self.train(was_training)
-        step = self.global_step if self._trainer is not None else 0
-        path = Path(out_dir) / f"mae_reconstruction_step{step:07d}.png"
-        save_image_grid([img, masked, recon], path)
-        return [path]
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Rows: input, visible patches, reconstruction (visible patches pasted back)."""
+        return list(self.reconstruct(batch, generator))
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()

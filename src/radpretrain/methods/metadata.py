@@ -1,7 +1,8 @@
 """Metadata-supervised pretraining: predict cheap labels the archive already has.
 
-From the forum thread of seed 002 ("a network needs to learn anatomy before
-pathology"): a radiology archive knows each image's body part and the patient's
+From the thread "Transfer Learning for Medical Radiography" on the fast.ai forums
+(https://forums.fast.ai/t/transfer-learning-for-medical-radiography/4931; "a network
+needs to learn anatomy before pathology"): a radiology archive knows each image's body part and the patient's
 age for free; training a CNN to predict such labels gives filters learned on
 radiographs instead of photographs.  This is plain multi-task supervised
 learning (one linear head per field over the encoder's pooled features, summed
@@ -19,7 +20,6 @@ values are dropped, with a log message) and recorded in ``encoder.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from radpretrain.config import get
+from radpretrain.data.store import Store
 from radpretrain.errors import UserError
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 from radpretrain.transforms import GreyAugment, MetadataAugmentSection
 from radpretrain.utils import get_logger
 
@@ -82,14 +83,16 @@ class MetadataSection:
 
 @register("metadata")
 class MetadataSupervised(PretrainMethod):
-    config_sections = {"metadata": MetadataSection, "augment": MetadataAugmentSection}
     """Multi-head classification of manifest fields; config keys under ``metadata.``."""
+
+    display_name = "Supervised pretraining on routine metadata (body part, view, age)"
+    paper = Paper("Transfer Learning for Medical Radiography", (), None, "fast.ai forums",
+                  "https://forums.fast.ai/t/transfer-learning-for-medical-radiography/4931")
+    supervision = Supervision.METADATA
+    config_sections = {"metadata": MetadataSection, "augment": MetadataAugmentSection}
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from radpretrain.data.store import Store
-        from radpretrain.models.backbones import create_backbone, is_vit, resolve_arch
-
         if store is None:
             root = get(cfg, "data.root")
             if not root:
@@ -103,12 +106,7 @@ class MetadataSupervised(PretrainMethod):
         self.head_names = list(vocab)
         # a plain CPU tensor, not a buffer: DDP would broadcast a buffer (N x heads) at every step
         self.labels = torch.from_numpy(labels)
-        image_size = int(get(cfg, "data.image_size", 224))
-        name = get(cfg, "model.backbone", "resnet18")
-        vit_kw = {"img_size": image_size, "patch_size": int(get(cfg, "model.patch_size", 16) or 16)} if is_vit(resolve_arch(name)) else {}
-        self.encoder = create_backbone(name, in_chans=1, pretrained=get(cfg, "model.pretrained", None), **vit_kw,
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        self.build_encoder()
         dim = self.encoder.num_features
         self.dropout = nn.Dropout(float(get(cfg, "metadata.dropout", 0.0)))
         self.heads = nn.ModuleDict({h: nn.Linear(dim, len(v)) for h, v in vocab.items()})
@@ -151,16 +149,10 @@ class MetadataSupervised(PretrainMethod):
         out["loss"] = total
         return out
 
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        img = batch["image"][:8].to(self.device)
-        rows = [img]
-        if self.augment is not None:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(0)
-            with torch.no_grad():
-                rows.append(self.augment(img, g))
-        step = self.global_step if self._trainer is not None else 0
-        return [save_image_grid(rows, Path(out_dir) / f"metadata_inputs_step{step:07d}.png")]
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Rows: input and, with augmentation on, its augmented view."""
+        img = batch["image"]
+        return [img] if self.augment is None else [img, self.augment(img, generator)]
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()

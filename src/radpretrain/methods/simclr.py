@@ -14,13 +14,12 @@ resumed run sees the same views as an uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from radpretrain.config import get
-from radpretrain.methods.base import PretrainMethod, register, save_image_grid
+from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
 from radpretrain.transforms import SimCLRAugmentSection, ViewPair
 
 
@@ -35,25 +34,19 @@ class SimCLRSection:
 class SimCLR(PretrainMethod):
     """SimCLR on any timm backbone; config keys under ``simclr.`` and ``augment.``."""
 
+    display_name = "SimCLR (contrastive)"
+    paper = Paper("A Simple Framework for Contrastive Learning of Visual Representations",
+                  ("Chen", "Kornblith", "Norouzi", "Hinton"), 2020, "ICML", "https://arxiv.org/abs/2002.05709")
+    supervision = Supervision.CONTRASTIVE
     config_sections = {"simclr": SimCLRSection, "augment": SimCLRAugmentSection}
+    preview_name = "simclr_views"
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
+        from lightly.loss import NTXentLoss  # heavy (torchvision): imported when a SimCLR model is built
+        from lightly.models.modules import SimCLRProjectionHead  # heavy, as above
 
-        from radpretrain.models.backbones import create_backbone
-
-        image_size = int(get(cfg, "data.image_size", 224))
-        vit_kw = {}
-        from radpretrain.models.backbones import is_vit, resolve_arch
-
-        if is_vit(resolve_arch(get(cfg, "model.backbone", "resnet18"))):
-            vit_kw = {"img_size": image_size, "patch_size": int(get(cfg, "model.patch_size", 16) or 16)}
-        self.encoder = create_backbone(get(cfg, "model.backbone", "resnet18"), in_chans=1,
-                                       pretrained=get(cfg, "model.pretrained", None), **vit_kw,
-                                       **(get(cfg, "model.kwargs", {}) or {}))
-        self.arch, self.model_kwargs = self.encoder.radpretrain_arch, dict(self.encoder.radpretrain_kwargs)
+        self.build_encoder()
         dim = self.encoder.num_features
         self.head = SimCLRProjectionHead(input_dim=dim, hidden_dim=int(get(cfg, "simclr.hidden_dim", dim) or dim),
                                          output_dim=int(get(cfg, "simclr.output_dim", 128)))
@@ -72,16 +65,13 @@ class SimCLR(PretrainMethod):
         z1, z2 = z.chunk(2, dim=0)
         return self.criterion(z1, z2)
 
-    def save_previews(self, batch: dict, out_dir: Path) -> list[Path]:
-        img = batch["image"][:8].to(self.device)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(0)
-        with torch.no_grad():
-            v1, v2 = self.views(img, g)
-            if v1.shape[-2:] != img.shape[-2:]:  # local views: show them at the input's size
-                v1, v2 = (F.interpolate(v, size=img.shape[-2:], mode="nearest") for v in (v1, v2))
-        step = self.global_step if self._trainer is not None else 0
-        return [save_image_grid([img, v1, v2], Path(out_dir) / f"simclr_views_step{step:07d}.png")]
+    def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Rows: input, first view, second view."""
+        img = batch["image"]
+        v1, v2 = self.views(img, generator)
+        if v1.shape[-2:] != img.shape[-2:]:  # local views: show them at the input's size
+            v1, v2 = (F.interpolate(v, size=img.shape[-2:], mode="nearest") for v in (v1, v2))
+        return [img, v1, v2]
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()

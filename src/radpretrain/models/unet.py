@@ -2,8 +2,10 @@
 
 Zhou et al., "Models Genesis: Generic Autodidactic Models for 3D Medical Image
 Analysis", MICCAI 2019 (and MedIA 2021) restore corrupted images with a U-Net
-and keep its encoder.  The thesis seed (004) does the same in 2-D with VGG16 and
-ResNet50 encoders and compares BatchNorm with InstanceNorm in the decoder.
+and keep its encoder.  Song, "Comparison of self-supervised and ImageNet pretraining
+for medical image classification" (master's thesis, Politecnico di Torino, 2020) does
+the same in 2-D with VGG16 and ResNet50 encoders and compares BatchNorm with
+InstanceNorm in the decoder.
 
 Design
 ------

@@ -18,7 +18,9 @@ import pickletools
 import zipfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from radpretrain.errors import UserError
@@ -27,8 +29,6 @@ from radpretrain.utils import read_json, write_json
 
 def save_encoder(model: nn.Module, meta: dict, out_dir: str | Path, name: str = "encoder") -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``; returns the weights path."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "arch" not in meta or "model_kwargs" not in meta:
@@ -36,7 +36,7 @@ def save_encoder(model: nn.Module, meta: dict, out_dir: str | Path, name: str = 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = out_dir / f"{name}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "arch": str(meta["arch"])})
+    safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt", "arch": str(meta["arch"])})
     tmp.replace(path)
     write_json(out_dir / f"{name}.json", meta)
     return path
@@ -139,11 +139,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path}: weight file not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
+            return safetensors.torch.load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UserError(f"{path}: not a valid safetensors file ({e})") from None
     try:
@@ -178,7 +175,7 @@ def find_encoder_files(path: str | Path) -> tuple[Path, Path]:
 
 def load_run_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the timm encoder of a run or export folder; returns ``(model, meta)``."""
-    import timm
+    import timm  # heavy (3 s): only where a model is built
 
     weights, meta_path = find_encoder_files(path)
     meta = read_json(meta_path)

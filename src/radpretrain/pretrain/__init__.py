@@ -18,7 +18,7 @@ or SLURM), loggers (CSV, TensorBoard, a text log), checkpoints (periodic +
 ``encoder.safetensors`` + ``encoder.json``.  Methods plug in through the hooks of
 :class:`radpretrain.methods.base.PretrainMethod` (``fields``, ``sample_transform``,
 ``train_sampler``, ``reload_dataloaders_every_epoch``, ``on_train_epoch_start``,
-``save_previews``, ``encoder_meta``).
+``preview_rows`` (the base class's ``save_previews`` writes them), ``encoder_meta``).
 
 Run folder::
 

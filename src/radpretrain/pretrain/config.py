@@ -34,6 +34,7 @@ def method_schema(method_cls) -> dict:
 
 
 def default_preset(method: str) -> str:
+    """A method's packaged preset (``@register`` refuses a method without it)."""
     return f"{method}_cpu"
 
 
@@ -43,10 +44,12 @@ def resolve_config(method: str | None, config: str | None = None, overrides=(), 
     ``method`` may be ``None`` when ``config`` names a preset or file that says its ``method``;
     when both are given they must agree.  ``data.root`` is filled from ``data``.
     """
+    if method is not None:
+        get_method(method)  # an unknown name is said as such, with the known ones
     name = config or (default_preset(method) if method else None)
     if name is None:
         raise UserError("give --method or a --config preset that names its method")
-    if config is None and not is_preset(name):
+    if config is None and not is_preset(name):  # registration checks it; a broken install still reads well
         raise UserError(f"method {method!r} has no packaged preset {name}.yaml; give --config FILE")
     file_cfg, source = load_config_with_source(name)
     file_method = file_cfg.get("method")

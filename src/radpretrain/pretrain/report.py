@@ -14,7 +14,7 @@ files, never checkpoints).  It shows
   (``clusters.jsonl``);
 - compute (``compute.json``), the data summary (``data_summary.json``: counts by modality, body
   part and view; no ids, no paths), the encoder (``encoder.json``), the resolved config with paths
-  removed (the model card's :func:`radpretrain.export.redact_config`) and the package versions.
+  removed (the model card's :func:`radpretrain.export.card.redact_config`) and the package versions.
 
 Like evaluate's report the page opens offline: figures and previews are embedded PNGs, the style
 sheet is inline (:mod:`radpretrain.htmlpage`), no script.
@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from radpretrain.errors import UserError
-from radpretrain.export import redact_config
+from radpretrain.export.card import redact_config
 from radpretrain.htmlpage import count, duration, esc, fmt, html_table, img, kv_table, page, png_bytes, png_width
 from radpretrain.utils import COMPUTE_FILE, get_logger, read_json
 

@@ -23,7 +23,7 @@ import torch
 from radpretrain.config import get, load_config_with_source, save_config
 from radpretrain.data.store import Store
 from radpretrain.errors import UserError
-from radpretrain.methods import METHOD_MODULES, get_method
+from radpretrain.methods import discover, get_method
 from radpretrain.models.weights import save_encoder
 from radpretrain.pretrain.checkpoints import (
     clear_partial_writes, disk_full_error, disk_full_message, existing_run, find_resume_checkpoint, free_bytes,
@@ -39,7 +39,7 @@ log = get_logger("pretrain")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default=None, choices=sorted(METHOD_MODULES),
+    p.add_argument("--method", default=None, choices=discover(),
                    help="pretraining method (may be left out when --config names a preset or file that names it)")
     p.add_argument("--data", required=True, help="dataset store folder (from 'radpretrain ingest')")
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
