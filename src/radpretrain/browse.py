@@ -9,7 +9,7 @@
 - ``neighbors --embeddings FILE --image IMAGE_ID``: the most similar images by
   cosine similarity (faiss inner product on L2-normalised vectors).
 - ``clusters --embeddings FILE --data DATASET --k K --out DIR``: spherical
-  k-means (faiss), ``clusters.parquet`` (image_id, cluster, centroid_similarity)
+  k-means (faiss, :func:`radpretrain.clustering.faiss_kmeans`), ``clusters.parquet`` (image_id, cluster, centroid_similarity)
   and a self-contained ``index.html`` gallery (thumbnails embedded as base64 PNG).
 
 Nothing identifying is written: outputs carry pseudonymous image ids, pixels
@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from radpretrain.clustering import faiss_kmeans
 from radpretrain.data.dataset import StoreDataset
 from radpretrain.data.geometry import letterbox
 from radpretrain.data.store import Store
@@ -340,21 +341,17 @@ def kmeans(X: np.ndarray, k: int, seed: int = 0, niter: int = 25, nredo: int = 5
     objective (one run often splits a big group and merges two small ones).
     Clusters are renumbered by size, largest first.
     """
-    import faiss  # native (CPU or GPU build): loaded only for neighbours and clusters
-
     Xn = _normalise(X)
-    n, d = Xn.shape
+    n = Xn.shape[0]
     if not 1 <= k <= n:
         raise UserError(f"--k {k}: must be between 1 and the number of images ({n})")
-    km = faiss.Kmeans(d, k, niter=niter, nredo=max(1, nredo), seed=seed, spherical=True, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))
-    km.train(Xn)
-    sims, lab = km.index.search(Xn, 1)
-    lab, sims = lab[:, 0], sims[:, 0]
+    km = faiss_kmeans(Xn, k, niter=niter, nredo=nredo, seed=seed, spherical=True,
+                      max_points_per_centroid=max(256, n // k + 1))
+    lab, sims = km["labels"], km["scores"]
     order = np.argsort(-np.bincount(lab, minlength=k), kind="stable")
     remap = np.empty(k, dtype=np.int64)
     remap[order] = np.arange(k)
-    return remap[lab].astype(np.int32), sims.astype(np.float32), km.centroids[order]
+    return remap[lab].astype(np.int32), sims.astype(np.float32), km["centroids"][order]
 
 
 def cluster_embeddings(embeddings, data, k: int, out, per_cluster: int = 32, thumb_size: int = 96,

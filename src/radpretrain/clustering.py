@@ -1,4 +1,8 @@
-"""PCA-whitening and k-means in torch, on whatever device the features are on (DeepCluster on a GPU).
+"""k-means for DeepCluster and ``radpretrain clusters``: one faiss wrapper, and a torch twin for GPUs.
+
+:func:`faiss_kmeans` is the one faiss k-means call of the package (DeepCluster's CPU path and
+the embedding browser's spherical k-means both use it).  The rest of this module is the torch
+version of DeepCluster's clustering, for features already on a GPU:
 
 The CPU path of DeepCluster is numpy + faiss-cpu (:mod:`radpretrain.methods.deepcluster`); this
 module is its device counterpart, written to behave the same:
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from radpretrain.errors import UserError
@@ -185,3 +190,36 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int =
 
 
 __all__ = ["assign", "cluster_sums", "fix_empty_clusters", "kmeans", "pca_whiten_l2", "split_empty"]
+
+
+# --------------------------------------------------------------------------- faiss
+def faiss_gpus() -> int:
+    """GPUs faiss can use (0 for faiss-cpu, which has no ``get_num_gpus`` or reports none)."""
+    import faiss  # native (CPU or GPU build): loaded only when clustering
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:
+        return 0
+
+
+def faiss_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0, spherical: bool = False,
+                 gpu: bool = False, max_points_per_centroid: int = 10_000_000) -> dict:
+    """``faiss.Kmeans`` (best of ``nredo`` seeded runs) and each row's nearest centroid.
+
+    ``spherical``: centroids renormalised to unit length (rows should be L2-normalised; the
+    search then gives cosine similarities).  Returns ``{"labels": int64 [N], "scores": float32 [N]
+    (squared distance, or similarity when spherical), "centroids": [K, D], "objective": float}``.
+    Empty clusters are left to the caller.
+    """
+    import faiss  # native (CPU or GPU build): loaded only when clustering
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), nredo=max(1, int(nredo)), seed=int(seed), verbose=False,
+                      spherical=bool(spherical), min_points_per_centroid=1,
+                      max_points_per_centroid=int(max_points_per_centroid), **({"gpu": True} if gpu else {}))
+    km.train(x)
+    scores, idx = km.index.search(x, 1)
+    obj = float(km.obj[-1]) if len(km.obj) else float("nan")
+    return {"labels": idx[:, 0].astype(np.int64), "scores": scores[:, 0].astype(np.float32),
+            "centroids": km.centroids, "objective": obj}

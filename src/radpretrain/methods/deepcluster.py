@@ -124,38 +124,21 @@ def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
     return labels, centroids, n_fixed
 
 
-def faiss_gpus() -> int:
-    """GPUs faiss can use (0 for faiss-cpu, which has no ``get_num_gpus`` or reports none)."""
-    import faiss  # native (CPU or GPU build): loaded only when clustering
-
-    try:
-        return int(faiss.get_num_gpus())
-    except AttributeError:
-        return 0
-
-
 def run_kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0, gpu: bool = False) -> dict:
-    """k-means with faiss (best of ``nredo`` seeded runs; ``gpu``: faiss' GPU index), then :func:`fix_empty_clusters`.
+    """k-means with faiss (:func:`radpretrain.clustering.faiss_kmeans`; ``gpu``: faiss' GPU index), then
+    :func:`fix_empty_clusters`.
 
     Returns ``{"labels": int64 [N], "centroids": [K, D], "objective": float, "n_empty_fixed": int}``.
     """
-    import faiss  # native (CPU or GPU build): loaded only when clustering
-
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x.shape
+    n = x.shape[0]
     if k < 2:
         raise UserError(f"deepcluster.num_clusters={k}: need at least 2 clusters")
     if n < k:
         raise UserError(f"deepcluster.num_clusters={k} is more than the {n} training images; lower it")
-    km = faiss.Kmeans(d, int(k), niter=int(niter), nredo=int(nredo), seed=int(seed), verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=10_000_000, spherical=False,
-                      **({"gpu": True} if gpu else {}))
-    km.train(x)
-    _, idx = km.index.search(x, 1)
-    labels = idx[:, 0].astype(np.int64)
-    obj = float(km.obj[-1]) if len(km.obj) else float("nan")
-    labels, centroids, n_fixed = fix_empty_clusters(x, labels, km.centroids, np.random.default_rng(seed))
-    return {"labels": labels, "centroids": centroids, "objective": obj, "n_empty_fixed": n_fixed}
+    km = clustering.faiss_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, gpu=gpu)
+    labels, centroids, n_fixed = fix_empty_clusters(x, km["labels"], km["centroids"], np.random.default_rng(seed))
+    return {"labels": labels, "centroids": centroids, "objective": km["objective"], "n_empty_fixed": n_fixed}
 
 
 def cluster_size_stats(labels: np.ndarray, k: int) -> dict:
@@ -337,7 +320,7 @@ class DeepCluster(PretrainMethod):
         seed = self.seed * 1009 + epoch
         if isinstance(features, torch.Tensor):
             x = clustering.pca_whiten_l2(features, self.pca_dim)
-            if x.is_cuda and faiss_gpus() > 0:
+            if x.is_cuda and clustering.faiss_gpus() > 0:
                 km = run_kmeans(x.cpu().numpy(), self.num_clusters, self.kmeans_iters, self.kmeans_redo, seed=seed,
                                 gpu=True)
                 backend = "faiss-gpu"
