@@ -307,7 +307,7 @@ def make_patch_store(sources, candidates, out, *, size: int = 64, planes: str = 
     cls = cands["cls"].to_numpy()
     n_pos, n_neg = int((usable & (cls > 0)).sum()), int((usable & (cls == 0)).sum())
     if neg_per_pos is not None and n_pos == 0:
-        raise InputFileError(candidates, f"no usable positive candidate (class > 0), so --neg-per-pos would keep "
+        raise InputFileError(candidates, "no usable positive candidate (class > 0), so --neg-per-pos would keep "
                              "no negatives")
     keep = np.zeros(len(cands), dtype=bool)
     keep[usable] = negative_sample(cls[usable] == 0, n_pos, neg_per_pos, seed)

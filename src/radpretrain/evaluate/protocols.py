@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from radpretrain.errors import UserError
-from radpretrain.evaluate.device import ImageFeeder, Runtime, to_float
+from radpretrain.evaluate.device import ImageFeeder, Runtime
 from radpretrain.evaluate.metrics import HIGHER_IS_BETTER, metric_value, primary_metric
 from radpretrain.transforms import finetune_augment
 from radpretrain.utils import get_logger

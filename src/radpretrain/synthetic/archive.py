@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom import config as dcm_config
 from pydicom.dataelem import DataElement
@@ -779,7 +778,8 @@ def _write(path: Path, data: bytes) -> None:
 # archive
 # ------------------------------------------------------------------------------------------------
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` an empty folder; ``overwrite`` replaces only a folder an earlier ``synth`` wrote."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -849,7 +849,7 @@ def generate_archive(out, n_patients: int = 200, seed: int = 0, overwrite: bool 
     if seed < 0:
         raise UserError(f"--seed must be >= 0 (got {seed})")
     out = Path(out)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite)
     planner = _Planner(n_patients, seed)
     items = planner.plan()
     jobs = [it for it in items if it.kind != "exact_duplicate"]  # duplicates are written with their source

@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import numpy as np
 
 from radpretrain.data.volumes import Geometry
 from radpretrain.errors import UserError
+from radpretrain.synthetic.archive import prepare_out
 
 AIR, BODY, LUNG, VESSEL = -1000.0, 40.0, -850.0, 40.0
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -314,19 +314,6 @@ def luna_geometry(rng: np.random.Generator, shape=(128, 128, 48)) -> Geometry:
     return Geometry(shape, spacing, origin, np.eye(3))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: folder is not empty; choose a new folder or pass --overwrite")
-        if not (out / ".synth").is_dir():
-            raise UserError(f"{out}: --overwrite only replaces a folder written by 'radpretrain synth' "
-                            "(it has no .synth/ folder); refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def write_luna_like(out, n_scans: int = 3, seed: int = 0, fmt: str = "mhd", shape=(128, 128, 48),
                     n_nodules: int = 4, n_negatives: int = 60, clear_mm: float = 20.0, extras: bool = True,
                     overwrite: bool = False) -> dict:
@@ -340,7 +327,7 @@ def write_luna_like(out, n_scans: int = 3, seed: int = 0, fmt: str = "mhd", shap
     if fmt not in CT_FORMATS:
         raise UserError(f"--ct-format {fmt}: choose from {', '.join(CT_FORMATS)}")
     out = Path(out)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite)
     rng = np.random.default_rng([int(seed), 16])
     rows, notes, truth, phi = [], [], [], []
     for s in range(n_scans):
