@@ -113,6 +113,19 @@ recipe("simclr_geo", "simclr", "simclr_cpu", "augment.brightness=0.0", "augment.
 recipe("simclr_lr1e4", "simclr", "simclr_cpu", "optim.lr=1.0e-4", cost_as="simclr_cpu", note="lr 1e-4")
 recipe("simclr_lite1", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite1", note="lite1 ImageNet start")
 recipe("simclr_lite2", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite2", note="lite2 ImageNet start")
+# frozen-BatchNorm SimCLR family (after screen 1: simclr_frozenbn was the first recipe clearly above ImageNet on
+# the development knee folds); screened at simclr_cpu's step count, so the comparisons are at equal steps
+FBN = ("model.freeze_bn_stats=true",)
+GEO = ("augment.brightness=0.0", "augment.contrast=0.0", "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0")
+recipe("sf_geo", "simclr", "simclr_cpu", *FBN, *GEO, cost_as="simclr_cpu", note="frozen BN + geometric views only")
+recipe("sf_lr1e3", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-3", cost_as="simclr_cpu", note="frozen BN + lr 1e-3")
+recipe("sf_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="simclr_cpu", note="frozen BN + lr 1e-4")
+recipe("sf_view64", "simclr", "simclr_cpu", *FBN, "augment.view_size=64", note="frozen BN + 64-px views of 128-px images")
+recipe("sf_crop20", "simclr", "simclr_cpu", *FBN, "augment.crop_scale=[0.2,1.0]", cost_as="simclr_cpu",
+       note="frozen BN + crops 0.2-1")
+recipe("sf_t02", "simclr", "simclr_cpu", *FBN, "simclr.temperature=0.2", cost_as="simclr_cpu",
+       note="frozen BN + temperature 0.2")
+
 # controls: only the BatchNorm running statistics change (lr 0), on augmented views or on plain images
 recipe("bn_views", "simclr", "simclr_cpu", "optim.lr=0.0", cost_as="simclr_cpu",
        note="control: lr 0, BatchNorm statistics re-estimated on SimCLR's augmented views")
@@ -154,15 +167,17 @@ def radpretrain(args: list[str], work: Path, kind: str, name: str, log: Path, **
     log.parent.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     la = load_avg()
+    threads = 2 if kind == "calibrate" else THREADS
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"\n+ {shown}\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    entry = {"kind": kind, "name": name, "command": shown, "rc": r.returncode, "cpu_s": round(cpu, 1),
+    entry = {"kind": kind, "name": name, "command": shown, "rc": r.returncode, "threads": threads, "cpu_s": round(cpu, 1),
              "wall_s": round(wall, 1), "load_before": la, "load_after": load_avg(),
              "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), **extra}
     with open(work / "ledger.jsonl", "a") as f:
@@ -264,15 +279,18 @@ def prepare(data: Path, work: Path, seed: int) -> dict:
 
 
 # -- pretraining ---------------------------------------------------------------------------------
-def run_overrides(name: str, steps: int, seed: int, extra=()) -> list[str]:
-    return [f"data.image_size={IMAGE_SIZE}", "trainer.cpu_threads=2", f"trainer.max_steps={steps}",
+THREADS = 2  # --threads: intra-op threads of pretraining and evaluation runs (calibration always uses 2)
+
+
+def run_overrides(name: str, steps: int, seed: int, extra=(), threads: int | None = None) -> list[str]:
+    return [f"data.image_size={IMAGE_SIZE}", f"trainer.cpu_threads={threads or THREADS}", f"trainer.max_steps={steps}",
             "trainer.max_epochs=1000", f"seed={seed}", "trainer.checkpoint_every_n_steps=0",
             "previews.every_n_epochs=0", "trainer.enable_progress_bar=false", *R[name]["over"], *extra]
 
 
-def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extra=()) -> list[str]:
+def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extra=(), threads=None) -> list[str]:
     return ["pretrain", "--method", R[name]["method"], "--config", R[name]["config"], "--data", str(corpus),
-            "--out", str(out), *run_overrides(name, steps, seed, extra)]
+            "--out", str(out), *run_overrides(name, steps, seed, extra, threads)]
 
 
 def wait_idle(min_idle: float = 1.5, max_wait_s: float = 3600) -> float | None:
@@ -305,7 +323,7 @@ def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
         idle = wait_idle()
         out = work / "calib" / f"{name}-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0), work, "calibrate", name,
+        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0, threads=2), work, "calibrate", name,
                              work / "logs" / "calibrate.log", steps=n, idle_cores_before=idle)
         shutil.rmtree(out, ignore_errors=True)
     flag.unlink(missing_ok=True)
@@ -320,10 +338,43 @@ def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
     return cal[name]
 
 
+def calibrate_cpu(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
+    """CPU seconds per step of a recipe run on ONE thread: the difference of a ``short`` and a ``long`` run.
+
+    One thread's CPU time per step hardly depends on what else runs on the machine (no thread waits
+    on another), so this can be measured on the busy shared machine, unlike wall time.
+    """
+    cal_path = work / "calibration_cpu1.json"
+    cal = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
+    if name in cal:
+        return cal[name]
+    corpus = work / "stores" / "corpus-nt"
+    res = {}
+    for n in (short, long):
+        out = work / "calib" / f"{name}-cpu1-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0, threads=1), work, "calibrate_cpu1", name,
+                             work / "logs" / "calibrate.log", steps=n)
+        shutil.rmtree(out, ignore_errors=True)
+    d = long - short
+    cal[name] = {"cpu1_s_per_step": round((res[long]["cpu_s"] - res[short]["cpu_s"]) / d, 3),
+                 "wall_s_per_step_as_measured": round((res[long]["wall_s"] - res[short]["wall_s"]) / d, 3),
+                 "load_before": [res[short]["load_before"], res[long]["load_before"]],
+                 "measured": res[long]["started"], "steps": [short, long]}
+    cal_path.write_text(json.dumps(cal, indent=1))
+    return cal[name]
+
+
+REFERENCE = "simclr_cpu"  # budgets are minutes of this recipe on an idle 2-core machine
+
+
 def steps_for(work: Path, name: str, minutes: float) -> int:
-    """Steps that fit ``minutes`` of idle 2-core wall time (from calibration.json; the engine's fixed costs excluded)."""
-    cal = calibrate(work, R[name].get("cost_as") or name)
-    return max(10, int(round(minutes * 60 / cal["s_per_step_wall"])))
+    """Steps of ``name`` that cost as many one-thread CPU seconds as ``minutes`` of the reference recipe
+    (simclr_cpu at 128 px) take on an idle 2-core machine with 2 threads (its idle calibration)."""
+    ref_wall = calibrate(work, REFERENCE)["s_per_step_wall"]
+    ref_cpu1 = calibrate_cpu(work, REFERENCE)["cpu1_s_per_step"]
+    own_cpu1 = calibrate_cpu(work, R[name].get("cost_as") or name)["cpu1_s_per_step"]
+    return max(10, int(round(minutes * 60 / ref_wall * ref_cpu1 / own_cpu1)))
 
 
 def run_name(name: str, minutes: float, seed: int) -> str:
@@ -609,10 +660,14 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "benchmarks" / "recipes",
                    help="working folder (default under runs/, which git ignores)")
     p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of pretraining and evaluation runs (budgets are calibrated with 2 on an idle machine)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="partition, ingest and split")
     c = sub.add_parser("calibrate", help="seconds per step of recipes")
     c.add_argument("recipes", nargs="+")
+    cc = sub.add_parser("calibrate-cpu", help="one-thread CPU seconds per step of recipes (fine on a busy machine)")
+    cc.add_argument("recipes", nargs="+")
     b = sub.add_parser("baseline", help="scratch and ImageNet on the task stores")
     b.add_argument("--parts", nargs="+", default=["dev"])
     b.add_argument("--tasks", nargs="+", default=["knee", "chest"])
@@ -640,8 +695,9 @@ def main(argv=None) -> int:
     t.add_argument("--text", action="store_true", help="also print a readable table on stderr")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    global WORK
+    global WORK, THREADS
     WORK = a.work.resolve()
+    THREADS = a.threads
     os.environ.setdefault("RADPRETRAIN_DEID_KEY", "radpretrain-recipe-study")  # pseudonyms only, local
     os.environ.setdefault("PYTHONPATH", str(REPO / "src"))
     out = {"benchmark": "recipes", "cmd": a.cmd}
@@ -649,6 +705,8 @@ def main(argv=None) -> int:
         out["prepare"] = prepare(a.data, a.work, a.partition_seed)
     elif a.cmd == "calibrate":
         out["calibration"] = {n: calibrate(a.work, n) for n in a.recipes}
+    elif a.cmd == "calibrate-cpu":
+        out["calibration_cpu1"] = {n: calibrate_cpu(a.work, n) for n in a.recipes}
     elif a.cmd == "baseline":
         out["baseline"] = {f"{part}/{task}/{bb}": headline(baseline(task, part, bb, a.n_boot))
                            for part in a.parts for task in a.tasks for bb in a.backbones}
