@@ -123,13 +123,15 @@ recipe("sf_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="sim
 recipe("sf_view64", "simclr", "simclr_cpu", *FBN, "augment.view_size=64", note="frozen BN + 64-px views of 128-px images")
 recipe("sf_crop20", "simclr", "simclr_cpu", *FBN, "augment.crop_scale=[0.2,1.0]", cost_as="simclr_cpu",
        note="frozen BN + crops 0.2-1")
+recipe("sf_warm20", "simclr", "simclr_cpu", *FBN, "optim.warmup_fraction=0.2", cost_as="simclr_cpu",
+       note="frozen BN + 20 % linear warm-up (5 % in the preset)")
 recipe("sf_t02", "simclr", "simclr_cpu", *FBN, "simclr.temperature=0.2", cost_as="simclr_cpu",
        note="frozen BN + temperature 0.2")
 
 # controls: only the BatchNorm running statistics change (lr 0), on augmented views or on plain images
 recipe("bn_views", "simclr", "simclr_cpu", "optim.lr=0.0", cost_as="simclr_cpu",
        note="control: lr 0, BatchNorm statistics re-estimated on SimCLR's augmented views")
-recipe("bn_plain", "simclr", "simclr_cpu", "optim.lr=0.0", "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]",
+recipe("bn_plain", "simclr", "simclr_cpu", "optim.lr=0.0", "augment.crop_scale=[1.0,1.0]", "+augment.crop_ratio=[1.0,1.0]",
        "augment.rotation=0.0", "augment.hflip=0.0", "augment.brightness=0.0", "augment.contrast=0.0",
        "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0", "augment.noise_p=0.0", cost_as="simclr_cpu",
        note="control: lr 0, BatchNorm statistics re-estimated on plain corpus images (AdaBN)")
@@ -293,6 +295,19 @@ def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extr
             "--out", str(out), *run_overrides(name, steps, seed, extra, threads)]
 
 
+def _merge_json(path: Path, key: str, value: dict) -> None:
+    """Add ``key`` to a JSON object file under an exclusive lock (several job runners share the files)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        cur = json.loads(path.read_text()) if path.is_file() else {}
+        cur[key] = value
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cur, indent=1))
+        tmp.replace(path)
+
+
 def wait_idle(min_idle: float = 1.5, max_wait_s: float = 3600) -> float | None:
     """Wait (up to ``max_wait_s``, then go on) until ``min_idle`` cores were idle for 3 s; the idle cores seen."""
     from radpretrain.utils import idle_cpus
@@ -334,7 +349,7 @@ def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
                  "load_before": [res[short]["load_before"], res[long]["load_before"]],
                  "idle_cores_before": [res[short].get("idle_cores_before"), res[long].get("idle_cores_before")],
                  "measured": res[long]["started"], "steps": [short, long]}
-    cal_path.write_text(json.dumps(cal, indent=1))
+    _merge_json(cal_path, name, cal[name])
     return cal[name]
 
 
@@ -361,7 +376,7 @@ def calibrate_cpu(work: Path, name: str, short: int = 10, long: int = 40) -> dic
                  "wall_s_per_step_as_measured": round((res[long]["wall_s"] - res[short]["wall_s"]) / d, 3),
                  "load_before": [res[short]["load_before"], res[long]["load_before"]],
                  "measured": res[long]["started"], "steps": [short, long]}
-    cal_path.write_text(json.dumps(cal, indent=1))
+    _merge_json(cal_path, name, cal[name])
     return cal[name]
 
 
@@ -599,7 +614,8 @@ def run_compute(run: Path) -> dict:
     for line in reversed((WORK / "ledger.jsonl").read_text().splitlines()):
         e = json.loads(line)
         if e["kind"] == "pretrain" and e["name"] == run.name and e.get("corpus") == run.parent.name:
-            return {"cpu_s": e["cpu_s"], "wall_s": e["wall_s"], "load_before": e["load_before"], "steps": e.get("steps")}
+            return {"cpu_s": e["cpu_s"], "wall_s": e["wall_s"], "load_before": e["load_before"], "steps": e.get("steps"),
+                    "threads": e.get("threads", 2)}
     return {}
 
 
@@ -629,6 +645,18 @@ def brief(rec: dict) -> str:
 
 
 
+def _threads_of(rec: dict) -> int:
+    """Pretraining threads of a result's run (the ledger's; records made before it was stored: from its log)."""
+    t = rec.get("compute", {}).get("threads")
+    if t:
+        return int(t)
+    for line in (WORK / "ledger.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["kind"] == "pretrain" and e["name"] == rec["run"].replace("-bnplain", "") and e.get("corpus") == rec["corpus"]:
+            return int(e.get("threads", 2))
+    return 2
+
+
 def table(filter_part: str | None = None) -> list[dict]:
     """The latest record of every (run, corpus, part, task), compact."""
     latest = {}
@@ -641,6 +669,7 @@ def table(filter_part: str | None = None) -> list[dict]:
         if filter_part and part != filter_part:
             continue
         row = {"run": run, "corpus": corpus, "part": part, "task": task, "steps": r.get("steps"),
+               "threads": _threads_of(r),
                "cpu_s": r.get("compute", {}).get("cpu_s"), "wall_s": r.get("compute", {}).get("wall_s")}
         for x in r["rows"]:
             ref = "imagenet" if "imagenet" in x else "imagenet_lite0"
@@ -652,6 +681,67 @@ def table(filter_part: str | None = None) -> list[dict]:
                 row[f"{x['protocol']}@{x['fraction']:g}_vs_lite0"] = round(x["imagenet_lite0"]["delta"], 3)
         rows.append(row)
     return rows
+
+
+def seed_summary(name: str, minutes: float, seeds, corpus: str, part: str, task: str, n_boot: int,
+                 protocol: str = "linear", fractions=FRACTIONS) -> dict:
+    """Per label fraction: each seed's value, the seed-mean difference to ImageNet with its CI, the seed spread."""
+    from radpretrain.models.backbones import resolve_arch
+
+    runs = [WORK / "runs" / corpus / run_name(name, minutes, s) for s in seeds]
+    backbone = resolve_arch(_run_config(runs[0])["model"]["backbone"])
+    protos = ("linear",) if protocol == "linear" else (protocol,)
+    evs = [predictions(eval_run(r, task, part, n_boot, protocols=protos, fractions=fractions)) for r in runs]
+    if protocol == "linear":
+        ref = predictions(baseline(task, part, backbone, n_boot))
+    else:
+        ref = predictions(evaluate(task, part, ["imagenet"], f"base-{backbone}-{protocol}", n_boot, backbone=backbone,
+                                   protocols=protos, fractions=fractions))
+    out = {"recipe": name, "minutes": minutes, "seeds": list(seeds), "corpus": corpus, "part": part, "task": task,
+           "protocol": protocol, "metric": TASKS[task][3], "fractions": {}}
+    for frac in sorted(ref["fraction"].unique()):
+        sel = lambda d: d[(d["protocol"] == protocol) & (d["fraction"] == frac)]  # noqa: E731
+        r = sel(ref[ref["init"] == "imagenet"])
+        ours = [sel(e) for e in evs]
+        if not len(r) or any(not len(o) for o in ours):
+            continue
+        from radpretrain.evaluate.metrics import metric_value
+
+        kind = "multiclass" if task == "knee5" else "binary"
+        vals = [metric_value(TASKS[task][3], kind, o["y_true"].to_numpy(), _scores(o, task)) for o in ours]
+        d = seed_mean_delta(task, ours, r, n_boot)
+        out["fractions"][f"{frac:g}"] = {
+            "imagenet": metric_value(TASKS[task][3], kind, r["y_true"].to_numpy(), _scores(r, task)),
+            "per_seed": [round(v, 4) for v in vals], "mean": float(np.mean(vals)), **d}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """Markdown tables of ``table()`` rows, one per store and probe: value (difference to ImageNet [95 % CI])."""
+    out = []
+    groups: dict = {}
+    for r in rows:
+        for k in r:
+            if isinstance(r[k], list) and "@" in k:
+                groups.setdefault((r["part"], r["task"], k.split("@")[0]), []).append(r)
+    for (part, task, proto), rs in sorted(groups.items()):
+        fr = ["0.01", "0.1", "1"]
+        out.append(f"\n**{part} / {task} / {proto}** ({TASKS[task][3]}; difference to the run's own ImageNet start "
+                   "[95 % CI, paired patient bootstrap])\n")
+        out.append("| run | corpus | steps | threads | CPU s | wall s | " + " | ".join(f"{float(f):.0%} labels" for f in fr) + " |")
+        out.append("|---|---|---|---|---|---|" + "---|" * len(fr))
+        seen = set()
+        for r in rs:
+            if (r["run"], r["corpus"]) in seen:
+                continue
+            seen.add((r["run"], r["corpus"]))
+            cells = []
+            for f in fr:
+                v = r.get(f"{proto}@{f}")
+                cells.append(f"{v[0]:.3f} ({v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}])" if v else "")
+            out.append(f"| {r['run']} | {r['corpus']} | {r['steps']} | {r['threads']} | {r['cpu_s']} | {r['wall_s']} | "
+                       + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -690,9 +780,20 @@ def main(argv=None) -> int:
     rb.add_argument("--parts", nargs="+", default=["dev"])
     rb.add_argument("--tasks", nargs="+", default=["knee", "chest"])
     rb.add_argument("--n-boot", type=int, default=300)
+    ss = sub.add_parser("seeds", help="seed-mean difference to ImageNet of one recipe's seeds (runs must exist)")
+    ss.add_argument("recipe")
+    ss.add_argument("--minutes", type=float, required=True)
+    ss.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ss.add_argument("--corpus", choices=("nt", "tr"), default="nt")
+    ss.add_argument("--parts", nargs="+", default=["test"])
+    ss.add_argument("--tasks", nargs="+", default=["knee", "chest"])
+    ss.add_argument("--protocol", default="linear")
+    ss.add_argument("--fractions", default=FRACTIONS)
+    ss.add_argument("--n-boot", type=int, default=1000)
     t = sub.add_parser("table", help="every evaluated run (latest record), value and difference to ImageNet")
     t.add_argument("--part", default=None)
     t.add_argument("--text", action="store_true", help="also print a readable table on stderr")
+    t.add_argument("--markdown", action="store_true", help="also print Markdown tables (one per store) on stderr")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     global WORK, THREADS
@@ -728,6 +829,18 @@ def main(argv=None) -> int:
                     record(rec)
                     say(brief(rec))
                     out["runs"].append(rec)
+    elif a.cmd == "seeds":
+        out["seeds"] = []
+        for part in a.parts:
+            for task in a.tasks:
+                res = seed_summary(a.recipe, a.minutes, a.seeds, a.corpus, part, task, a.n_boot, a.protocol, a.fractions)
+                with open(WORK / "seeds.jsonl", "a") as f:
+                    f.write(json.dumps(res) + "\n")
+                for fr, v in res["fractions"].items():
+                    say(f"{part}/{task} {a.recipe} m{a.minutes:g} {a.corpus} {a.protocol}@{fr}: ImageNet {v['imagenet']:.3f}, "
+                        f"seeds {v['per_seed']} -> mean diff {v['mean_delta']:+.3f} [{v['ci_mean'][0]:+.3f}, "
+                        f"{v['ci_mean'][1]:+.3f}], per-seed sd {v['sd_seeds'] if v['sd_seeds'] is None else round(v['sd_seeds'], 3)}")
+                out["seeds"].append(res)
     elif a.cmd == "table":
         out["table"] = table(a.part)
         if a.text:
@@ -736,6 +849,8 @@ def main(argv=None) -> int:
                          if isinstance(v, list)]
                 print(f"{row['part']}/{row['task']:5s} {row['corpus']} {row['run']:28s} steps {row['steps']} "
                       f"cpu {row['cpu_s']} s | " + " | ".join(cells), file=sys.stderr)
+        if a.markdown:
+            print(markdown(out["table"]), file=sys.stderr)
     print(json.dumps(out))
     return 0
 
