@@ -113,15 +113,39 @@ recipe("simclr_geo", "simclr", "simclr_cpu", "augment.brightness=0.0", "augment.
 recipe("simclr_lr1e4", "simclr", "simclr_cpu", "optim.lr=1.0e-4", cost_as="simclr_cpu", note="lr 1e-4")
 recipe("simclr_lite1", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite1", note="lite1 ImageNet start")
 recipe("simclr_lite2", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_lite2", note="lite2 ImageNet start")
+# frozen-BatchNorm SimCLR family (after screen 1: simclr_frozenbn was the first recipe clearly above ImageNet on
+# the development knee folds); screened at simclr_cpu's step count, so the comparisons are at equal steps
+FBN = ("model.freeze_bn_stats=true",)
+GEO = ("augment.brightness=0.0", "augment.contrast=0.0", "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0")
+# the same settings with their own cost per step (frozen statistics make a step ~30 % cheaper): for the
+# 15-minute runs, so a budget is what the recipe itself can do in it
+recipe("fbn", "simclr", "simclr_cpu", *FBN, note="simclr_cpu + frozen BatchNorm statistics, own calibration")
+recipe("fbn_lite1", "simclr", "simclr_cpu", *FBN, "model.backbone=tf_efficientnet_lite1",
+       note="fbn from the lite1 ImageNet start, own calibration")
+recipe("fbn_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="fbn",
+       note="simclr_cpu + frozen BatchNorm statistics + lr 1e-4, own calibration")
+recipe("sf_geo", "simclr", "simclr_cpu", *FBN, *GEO, cost_as="simclr_cpu", note="frozen BN + geometric views only")
+recipe("sf_lr1e3", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-3", cost_as="simclr_cpu", note="frozen BN + lr 1e-3")
+recipe("sf_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="simclr_cpu", note="frozen BN + lr 1e-4")
+recipe("sf_view64", "simclr", "simclr_cpu", *FBN, "augment.view_size=64", note="frozen BN + 64-px views of 128-px images")
+recipe("sf_crop20", "simclr", "simclr_cpu", *FBN, "augment.crop_scale=[0.2,1.0]", cost_as="simclr_cpu",
+       note="frozen BN + crops 0.2-1")
+recipe("sf_warm20", "simclr", "simclr_cpu", *FBN, "optim.warmup_fraction=0.2", cost_as="simclr_cpu",
+       note="frozen BN + 20 % linear warm-up (5 % in the preset)")
+recipe("sf_t02", "simclr", "simclr_cpu", *FBN, "simclr.temperature=0.2", cost_as="simclr_cpu",
+       note="frozen BN + temperature 0.2")
+
 # controls: only the BatchNorm running statistics change (lr 0), on augmented views or on plain images
 recipe("bn_views", "simclr", "simclr_cpu", "optim.lr=0.0", cost_as="simclr_cpu",
        note="control: lr 0, BatchNorm statistics re-estimated on SimCLR's augmented views")
-recipe("bn_plain", "simclr", "simclr_cpu", "optim.lr=0.0", "augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]",
+recipe("bn_plain", "simclr", "simclr_cpu", "optim.lr=0.0", "augment.crop_scale=[1.0,1.0]", "+augment.crop_ratio=[1.0,1.0]",
        "augment.rotation=0.0", "augment.hflip=0.0", "augment.brightness=0.0", "augment.contrast=0.0",
        "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0", "augment.noise_p=0.0", cost_as="simclr_cpu",
        note="control: lr 0, BatchNorm statistics re-estimated on plain corpus images (AdaBN)")
 recipe("dino_frozenbn", "dino", "dino_cpu", "model.freeze_bn_stats=true", cost_as="dino_cpu",
        note="DINO, BatchNorm keeps the ImageNet statistics")
+recipe("dino_fix", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0", cost_as="dino_cpu",
+       note="DINO, frozen BN statistics, student head's last layer trains from step 0 (preset: 1 epoch = 184 steps here)")
 
 
 def backbone_of(name: str) -> str:
@@ -154,15 +178,17 @@ def radpretrain(args: list[str], work: Path, kind: str, name: str, log: Path, **
     log.parent.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     la = load_avg()
+    threads = 2 if kind == "calibrate" else THREADS
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"\n+ {shown}\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    entry = {"kind": kind, "name": name, "command": shown, "rc": r.returncode, "cpu_s": round(cpu, 1),
+    entry = {"kind": kind, "name": name, "command": shown, "rc": r.returncode, "threads": threads, "cpu_s": round(cpu, 1),
              "wall_s": round(wall, 1), "load_before": la, "load_after": load_avg(),
              "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)), **extra}
     with open(work / "ledger.jsonl", "a") as f:
@@ -264,15 +290,31 @@ def prepare(data: Path, work: Path, seed: int) -> dict:
 
 
 # -- pretraining ---------------------------------------------------------------------------------
-def run_overrides(name: str, steps: int, seed: int, extra=()) -> list[str]:
-    return [f"data.image_size={IMAGE_SIZE}", "trainer.cpu_threads=2", f"trainer.max_steps={steps}",
+THREADS = 2  # --threads: intra-op threads of pretraining and evaluation runs (calibration always uses 2)
+
+
+def run_overrides(name: str, steps: int, seed: int, extra=(), threads: int | None = None) -> list[str]:
+    return [f"data.image_size={IMAGE_SIZE}", f"trainer.cpu_threads={threads or THREADS}", f"trainer.max_steps={steps}",
             "trainer.max_epochs=1000", f"seed={seed}", "trainer.checkpoint_every_n_steps=0",
             "previews.every_n_epochs=0", "trainer.enable_progress_bar=false", *R[name]["over"], *extra]
 
 
-def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extra=()) -> list[str]:
+def pretrain_cmd(name: str, corpus: Path, out: Path, steps: int, seed: int, extra=(), threads=None) -> list[str]:
     return ["pretrain", "--method", R[name]["method"], "--config", R[name]["config"], "--data", str(corpus),
-            "--out", str(out), *run_overrides(name, steps, seed, extra)]
+            "--out", str(out), *run_overrides(name, steps, seed, extra, threads)]
+
+
+def _merge_json(path: Path, key: str, value: dict) -> None:
+    """Add ``key`` to a JSON object file under an exclusive lock (several job runners share the files)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        cur = json.loads(path.read_text()) if path.is_file() else {}
+        cur[key] = value
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cur, indent=1))
+        tmp.replace(path)
 
 
 def wait_idle(min_idle: float = 1.5, max_wait_s: float = 3600) -> float | None:
@@ -305,7 +347,7 @@ def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
         idle = wait_idle()
         out = work / "calib" / f"{name}-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0), work, "calibrate", name,
+        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0, threads=2), work, "calibrate", name,
                              work / "logs" / "calibrate.log", steps=n, idle_cores_before=idle)
         shutil.rmtree(out, ignore_errors=True)
     flag.unlink(missing_ok=True)
@@ -316,14 +358,47 @@ def calibrate(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
                  "load_before": [res[short]["load_before"], res[long]["load_before"]],
                  "idle_cores_before": [res[short].get("idle_cores_before"), res[long].get("idle_cores_before")],
                  "measured": res[long]["started"], "steps": [short, long]}
-    cal_path.write_text(json.dumps(cal, indent=1))
+    _merge_json(cal_path, name, cal[name])
     return cal[name]
 
 
+def calibrate_cpu(work: Path, name: str, short: int = 10, long: int = 40) -> dict:
+    """CPU seconds per step of a recipe run on ONE thread: the difference of a ``short`` and a ``long`` run.
+
+    One thread's CPU time per step hardly depends on what else runs on the machine (no thread waits
+    on another), so this can be measured on the busy shared machine, unlike wall time.
+    """
+    cal_path = work / "calibration_cpu1.json"
+    cal = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
+    if name in cal:
+        return cal[name]
+    corpus = work / "stores" / "corpus-nt"
+    res = {}
+    for n in (short, long):
+        out = work / "calib" / f"{name}-cpu1-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        res[n] = radpretrain(pretrain_cmd(name, corpus, out, n, 0, threads=1), work, "calibrate_cpu1", name,
+                             work / "logs" / "calibrate.log", steps=n)
+        shutil.rmtree(out, ignore_errors=True)
+    d = long - short
+    cal[name] = {"cpu1_s_per_step": round((res[long]["cpu_s"] - res[short]["cpu_s"]) / d, 3),
+                 "wall_s_per_step_as_measured": round((res[long]["wall_s"] - res[short]["wall_s"]) / d, 3),
+                 "load_before": [res[short]["load_before"], res[long]["load_before"]],
+                 "measured": res[long]["started"], "steps": [short, long]}
+    _merge_json(cal_path, name, cal[name])
+    return cal[name]
+
+
+REFERENCE = "simclr_cpu"  # budgets are minutes of this recipe on an idle 2-core machine
+
+
 def steps_for(work: Path, name: str, minutes: float) -> int:
-    """Steps that fit ``minutes`` of idle 2-core wall time (from calibration.json; the engine's fixed costs excluded)."""
-    cal = calibrate(work, R[name].get("cost_as") or name)
-    return max(10, int(round(minutes * 60 / cal["s_per_step_wall"])))
+    """Steps of ``name`` that cost as many one-thread CPU seconds as ``minutes`` of the reference recipe
+    (simclr_cpu at 128 px) take on an idle 2-core machine with 2 threads (its idle calibration)."""
+    ref_wall = calibrate(work, REFERENCE)["s_per_step_wall"]
+    ref_cpu1 = calibrate_cpu(work, REFERENCE)["cpu1_s_per_step"]
+    own_cpu1 = calibrate_cpu(work, R[name].get("cost_as") or name)["cpu1_s_per_step"]
+    return max(10, int(round(minutes * 60 / ref_wall * ref_cpu1 / own_cpu1)))
 
 
 def run_name(name: str, minutes: float, seed: int) -> str:
@@ -548,7 +623,8 @@ def run_compute(run: Path) -> dict:
     for line in reversed((WORK / "ledger.jsonl").read_text().splitlines()):
         e = json.loads(line)
         if e["kind"] == "pretrain" and e["name"] == run.name and e.get("corpus") == run.parent.name:
-            return {"cpu_s": e["cpu_s"], "wall_s": e["wall_s"], "load_before": e["load_before"], "steps": e.get("steps")}
+            return {"cpu_s": e["cpu_s"], "wall_s": e["wall_s"], "load_before": e["load_before"], "steps": e.get("steps"),
+                    "threads": e.get("threads", 2)}
     return {}
 
 
@@ -578,6 +654,18 @@ def brief(rec: dict) -> str:
 
 
 
+def _threads_of(rec: dict) -> int:
+    """Pretraining threads of a result's run (the ledger's; records made before it was stored: from its log)."""
+    t = rec.get("compute", {}).get("threads")
+    if t:
+        return int(t)
+    for line in (WORK / "ledger.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["kind"] == "pretrain" and e["name"] == rec["run"].replace("-bnplain", "") and e.get("corpus") == rec["corpus"]:
+            return int(e.get("threads", 2))
+    return 2
+
+
 def table(filter_part: str | None = None) -> list[dict]:
     """The latest record of every (run, corpus, part, task), compact."""
     latest = {}
@@ -590,6 +678,7 @@ def table(filter_part: str | None = None) -> list[dict]:
         if filter_part and part != filter_part:
             continue
         row = {"run": run, "corpus": corpus, "part": part, "task": task, "steps": r.get("steps"),
+               "threads": _threads_of(r),
                "cpu_s": r.get("compute", {}).get("cpu_s"), "wall_s": r.get("compute", {}).get("wall_s")}
         for x in r["rows"]:
             ref = "imagenet" if "imagenet" in x else "imagenet_lite0"
@@ -603,16 +692,81 @@ def table(filter_part: str | None = None) -> list[dict]:
     return rows
 
 
+def seed_summary(name: str, minutes: float, seeds, corpus: str, part: str, task: str, n_boot: int,
+                 protocol: str = "linear", fractions=FRACTIONS) -> dict:
+    """Per label fraction: each seed's value, the seed-mean difference to ImageNet with its CI, the seed spread."""
+    from radpretrain.models.backbones import resolve_arch
+
+    runs = [WORK / "runs" / corpus / run_name(name, minutes, s) for s in seeds]
+    backbone = resolve_arch(_run_config(runs[0])["model"]["backbone"])
+    protos = ("linear",) if protocol == "linear" else (protocol,)
+    evs = [predictions(eval_run(r, task, part, n_boot, protocols=protos, fractions=fractions)) for r in runs]
+    if protocol == "linear":
+        ref = predictions(baseline(task, part, backbone, n_boot))
+    else:
+        ref = predictions(evaluate(task, part, ["imagenet"], f"base-{backbone}-{protocol}", n_boot, backbone=backbone,
+                                   protocols=protos, fractions=fractions))
+    out = {"recipe": name, "minutes": minutes, "seeds": list(seeds), "corpus": corpus, "part": part, "task": task,
+           "protocol": protocol, "metric": TASKS[task][3], "fractions": {}}
+    for frac in sorted(ref["fraction"].unique()):
+        sel = lambda d: d[(d["protocol"] == protocol) & (d["fraction"] == frac)]  # noqa: E731
+        r = sel(ref[ref["init"] == "imagenet"])
+        ours = [sel(e) for e in evs]
+        if not len(r) or any(not len(o) for o in ours):
+            continue
+        from radpretrain.evaluate.metrics import metric_value
+
+        kind = "multiclass" if task == "knee5" else "binary"
+        vals = [metric_value(TASKS[task][3], kind, o["y_true"].to_numpy(), _scores(o, task)) for o in ours]
+        d = seed_mean_delta(task, ours, r, n_boot)
+        out["fractions"][f"{frac:g}"] = {
+            "imagenet": metric_value(TASKS[task][3], kind, r["y_true"].to_numpy(), _scores(r, task)),
+            "per_seed": [round(v, 4) for v in vals], "mean": float(np.mean(vals)), **d}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """Markdown tables of ``table()`` rows, one per store and probe: value (difference to ImageNet [95 % CI])."""
+    out = []
+    groups: dict = {}
+    for r in rows:
+        for k in r:
+            if isinstance(r[k], list) and "@" in k:
+                groups.setdefault((r["part"], r["task"], k.split("@")[0]), []).append(r)
+    for (part, task, proto), rs in sorted(groups.items()):
+        fr = ["0.01", "0.1", "1"]
+        out.append(f"\n**{part} / {task} / {proto}** ({TASKS[task][3]}; difference to the run's own ImageNet start "
+                   "[95 % CI, paired patient bootstrap])\n")
+        out.append("| run | corpus | steps | threads | CPU s | wall s | " + " | ".join(f"{float(f):.0%} labels" for f in fr) + " |")
+        out.append("|---|---|---|---|---|---|" + "---|" * len(fr))
+        seen = set()
+        for r in rs:
+            if (r["run"], r["corpus"]) in seen:
+                continue
+            seen.add((r["run"], r["corpus"]))
+            cells = []
+            for f in fr:
+                v = r.get(f"{proto}@{f}")
+                cells.append(f"{v[0]:.3f} ({v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}])" if v else "")
+            out.append(f"| {r['run']} | {r['corpus']} | {r['steps']} | {r['threads']} | {r['cpu_s']} | {r['wall_s']} | "
+                       + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with knee-kl/ and pneumonia-kermany/")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "benchmarks" / "recipes",
                    help="working folder (default under runs/, which git ignores)")
     p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of pretraining and evaluation runs (budgets are calibrated with 2 on an idle machine)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="partition, ingest and split")
     c = sub.add_parser("calibrate", help="seconds per step of recipes")
     c.add_argument("recipes", nargs="+")
+    cc = sub.add_parser("calibrate-cpu", help="one-thread CPU seconds per step of recipes (fine on a busy machine)")
+    cc.add_argument("recipes", nargs="+")
     b = sub.add_parser("baseline", help="scratch and ImageNet on the task stores")
     b.add_argument("--parts", nargs="+", default=["dev"])
     b.add_argument("--tasks", nargs="+", default=["knee", "chest"])
@@ -635,13 +789,25 @@ def main(argv=None) -> int:
     rb.add_argument("--parts", nargs="+", default=["dev"])
     rb.add_argument("--tasks", nargs="+", default=["knee", "chest"])
     rb.add_argument("--n-boot", type=int, default=300)
+    ss = sub.add_parser("seeds", help="seed-mean difference to ImageNet of one recipe's seeds (runs must exist)")
+    ss.add_argument("recipe")
+    ss.add_argument("--minutes", type=float, required=True)
+    ss.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ss.add_argument("--corpus", choices=("nt", "tr"), default="nt")
+    ss.add_argument("--parts", nargs="+", default=["test"])
+    ss.add_argument("--tasks", nargs="+", default=["knee", "chest"])
+    ss.add_argument("--protocol", default="linear")
+    ss.add_argument("--fractions", default=FRACTIONS)
+    ss.add_argument("--n-boot", type=int, default=1000)
     t = sub.add_parser("table", help="every evaluated run (latest record), value and difference to ImageNet")
     t.add_argument("--part", default=None)
     t.add_argument("--text", action="store_true", help="also print a readable table on stderr")
+    t.add_argument("--markdown", action="store_true", help="also print Markdown tables (one per store) on stderr")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    global WORK
+    global WORK, THREADS
     WORK = a.work.resolve()
+    THREADS = a.threads
     os.environ.setdefault("RADPRETRAIN_DEID_KEY", "radpretrain-recipe-study")  # pseudonyms only, local
     os.environ.setdefault("PYTHONPATH", str(REPO / "src"))
     out = {"benchmark": "recipes", "cmd": a.cmd}
@@ -649,6 +815,8 @@ def main(argv=None) -> int:
         out["prepare"] = prepare(a.data, a.work, a.partition_seed)
     elif a.cmd == "calibrate":
         out["calibration"] = {n: calibrate(a.work, n) for n in a.recipes}
+    elif a.cmd == "calibrate-cpu":
+        out["calibration_cpu1"] = {n: calibrate_cpu(a.work, n) for n in a.recipes}
     elif a.cmd == "baseline":
         out["baseline"] = {f"{part}/{task}/{bb}": headline(baseline(task, part, bb, a.n_boot))
                            for part in a.parts for task in a.tasks for bb in a.backbones}
@@ -670,6 +838,18 @@ def main(argv=None) -> int:
                     record(rec)
                     say(brief(rec))
                     out["runs"].append(rec)
+    elif a.cmd == "seeds":
+        out["seeds"] = []
+        for part in a.parts:
+            for task in a.tasks:
+                res = seed_summary(a.recipe, a.minutes, a.seeds, a.corpus, part, task, a.n_boot, a.protocol, a.fractions)
+                with open(WORK / "seeds.jsonl", "a") as f:
+                    f.write(json.dumps(res) + "\n")
+                for fr, v in res["fractions"].items():
+                    say(f"{part}/{task} {a.recipe} m{a.minutes:g} {a.corpus} {a.protocol}@{fr}: ImageNet {v['imagenet']:.3f}, "
+                        f"seeds {v['per_seed']} -> mean diff {v['mean_delta']:+.3f} [{v['ci_mean'][0]:+.3f}, "
+                        f"{v['ci_mean'][1]:+.3f}], per-seed sd {v['sd_seeds'] if v['sd_seeds'] is None else round(v['sd_seeds'], 3)}")
+                out["seeds"].append(res)
     elif a.cmd == "table":
         out["table"] = table(a.part)
         if a.text:
@@ -678,6 +858,8 @@ def main(argv=None) -> int:
                          if isinstance(v, list)]
                 print(f"{row['part']}/{row['task']:5s} {row['corpus']} {row['run']:28s} steps {row['steps']} "
                       f"cpu {row['cpu_s']} s | " + " | ".join(cells), file=sys.stderr)
+        if a.markdown:
+            print(markdown(out["table"]), file=sys.stderr)
     print(json.dumps(out))
     return 0
 

@@ -131,3 +131,26 @@ def test_rejects_cnn_backbone():
 
     with pytest.raises(UserError, match="ViT"):
         MAE({**CFG, "model": {"backbone": "resnet18"}})
+
+
+def test_export_records_mean_token_pooling_for_plain_timm(tmp_path):
+    from radpretrain.errors import UserError
+    from radpretrain.models.weights import load_run_encoder, save_encoder
+
+    torch.manual_seed(0)
+    m = MAE(CFG).eval()
+    meta = m.encoder_meta()
+    assert meta["model_kwargs"]["global_pool"] == "avg" and meta["model_kwargs"]["fc_norm"] is False
+    save_encoder(m.encoder, meta, tmp_path)
+    loaded, _ = load_run_encoder(tmp_path)
+    plain = timm.create_model(meta["arch"], **meta["model_kwargs"])
+    plain.load_state_dict(loaded.state_dict())  # same key names as the trained encoder
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        tokens = m.encoder.forward_features(x)
+        want = tokens[:, m.encoder.num_prefix_tokens:].mean(1)  # evaluate's pool=mean
+        assert torch.allclose(loaded(x), want, atol=1e-5) and torch.allclose(plain.eval()(x), want, atol=1e-5)
+    token = MAE({**CFG, "mae": {**CFG["mae"], "global_pool": "token"}}).encoder_meta()
+    assert "global_pool" not in token["model_kwargs"]
+    with pytest.raises(UserError, match="global_pool"):
+        MAE({**CFG, "mae": {**CFG["mae"], "global_pool": "max"}})

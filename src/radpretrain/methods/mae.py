@@ -19,12 +19,22 @@ The number of visible patches is the same for every image of a batch:
 ``round((1 - mask_ratio) * n_valid)`` for the image with the fewest valid patches.
 
 ``self.encoder`` is the plain timm ``VisionTransformer`` (its ``state_dict`` keys are
-timm's); the decoder is discarded after pretraining.
+timm's); the decoder is discarded after pretraining.  The pooling the exported encoder
+should use is written into ``encoder.json``'s ``model_kwargs`` (``mae.global_pool``):
+``avg`` (default: the mean of the patch tokens after the final norm, i.e. timm's
+``global_pool="avg", fc_norm=False``, same weights and key names) or ``token`` (timm's
+class-token default).  The loss is on the patch tokens only (the class token reaches it
+only through the decoder's attention), so after a short run the class token can be nearly
+untrained: an outside test found it at chance where the mean did far better, and on the
+recipe study's validation folds the mean won 10 of 18 comparisons (docs/benchmarks.md,
+"Recipe study").  ``load_encoder``, ``evaluate`` and a plain
+``timm.create_model(arch, **model_kwargs)`` all get the recorded pooling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +52,7 @@ class MAESection:
     decoder_dim: int | None = field(default=None, metadata={"ge": 4, "help": "a multiple of 4, or null (half the encoder's width)"})
     decoder_depth: int = field(default=2, metadata={"ge": 1})
     decoder_heads: int | None = field(default=None, metadata={"ge": 1, "help": "a positive integer, or null (decoder_dim // 32)"})
+    global_pool: Literal["avg", "token"] = "avg"  # the pooling recorded in encoder.json (see the module docstring)
 
 
 def sincos_2d(dim: int, gh: int, gw: int, device=None) -> torch.Tensor:
@@ -150,6 +161,10 @@ class MAE(PretrainMethod):
         if ddim % 4 or ddim % dheads:
             raise UserError(f"mae.decoder_dim={ddim} must be a multiple of 4 and of mae.decoder_heads={dheads}")
         self.decoder = MAEDecoder(enc.embed_dim, ddim, int(get(cfg, "mae.decoder_depth", 2)), dheads, patch)
+        self.global_pool = str(get(cfg, "mae.global_pool", "avg") or "avg")
+        if self.global_pool not in ("avg", "token"):
+            raise UserError(f"mae.global_pool={self.global_pool!r}: choose avg (mean of the patch tokens) or token "
+                            "(the class token)")
 
     # -- model ---------------------------------------------------------------
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
@@ -252,5 +267,9 @@ class MAE(PretrainMethod):
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()
-        meta["mae"] = {"mask_ratio": self.mask_ratio, "patch_size": self.patch, "norm_pix_loss": self.norm_pix}
+        if self.global_pool == "avg":
+            # the final norm stays on every token (fc_norm=False keeps timm's key names), then the mean
+            meta["model_kwargs"].update(global_pool="avg", fc_norm=False)
+        meta["mae"] = {"mask_ratio": self.mask_ratio, "patch_size": self.patch, "norm_pix_loss": self.norm_pix,
+                       "global_pool": self.global_pool}
         return meta
