@@ -96,8 +96,25 @@ def test_method_may_come_from_the_preset_but_must_agree():
     assert a["method"] == "mae" and a == resolve_config("mae", "mae_pilot")
     with pytest.raises(UserError, match="this config is for method 'mae', not 'simclr'"):
         resolve_config("simclr", "mae_pilot")
-    with pytest.raises(UserError, match="give --method or a --config"):
-        resolve_config(None, None)
+
+
+def test_neither_method_nor_config_runs_the_recommended_recipe(monkeypatch):
+    from radpretrain.pretrain.config import RECOMMENDED, recommended_preset
+
+    assert recommended_preset(cuda_available=False) == "recommended_cpu"
+    assert recommended_preset(cuda_available=True) == "recommended_gpu"
+    assert recommended_preset(["trainer.accelerator=cpu"], cuda_available=True) == "recommended_cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = resolve_config(None, None, ["trainer.max_steps=5"])
+    assert cfg == resolve_config(None, RECOMMENDED["cpu"], ["trainer.max_steps=5"])
+    assert cfg["method"] == "simclr" and cfg["model"]["freeze_bn_stats"] is True and cfg["data"]["image_size"] == 128
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    gpu = resolve_config(None, None)
+    assert gpu["method"] == "simclr" and gpu["data"]["image_size"] == 224 and gpu["model"]["freeze_bn_stats"] is True
+    # the two variants are one recipe: same method, start weights, objective and views
+    for section in ("simclr", "augment"):
+        assert gpu[section] == cfg[section]
+    assert gpu["model"]["backbone"] == cfg["model"]["backbone"] and gpu["model"]["pretrained"] == cfg["model"]["pretrained"]
 
 
 def test_engine_defaults_come_from_the_sections():

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from radpretrain.config import apply_overrides, check_config, deep_merge, is_preset, load_config_with_source
 from radpretrain.errors import UserError
 from radpretrain.methods import get_method
 from radpretrain.settings import DEFAULTS, ENGINE_SCHEMA
+from radpretrain.utils import get_logger
 
-__all__ = ["DEFAULTS", "method_schema", "resolve_config", "resume_config", "check_run_config"]
+log = get_logger("pretrain")
+
+__all__ = ["DEFAULTS", "RECOMMENDED", "method_schema", "recommended_preset", "resolve_config", "resume_config",
+           "check_run_config"]
+
+# The recommended recipe (docs/recipes.md): what ``pretrain`` runs with neither --method nor --config.
+RECOMMENDED = {"cpu": "recommended_cpu", "gpu": "recommended_gpu"}
 
 
 def method_schema(method_cls) -> dict:
@@ -38,17 +47,35 @@ def default_preset(method: str) -> str:
     return f"{method}_cpu"
 
 
-def resolve_config(method: str | None, config: str | None = None, overrides=(), data: str | None = None) -> dict:
-    """Engine defaults <- config file (default ``<method>_cpu``) <- overrides, all checked.
+def recommended_preset(overrides=(), cuda_available: bool | None = None) -> str:
+    """The recommended recipe's preset for this machine: the GPU variant when CUDA is usable and no
+    ``trainer.accelerator=cpu`` override keeps the run on the CPU, else the CPU variant."""
+    accelerator = "auto"
+    for o in overrides:
+        key, sep, value = str(o).partition("=")
+        if sep and key.strip().lstrip("+") == "trainer.accelerator":
+            accelerator = value.strip().lower()
+    if accelerator == "cpu":
+        return RECOMMENDED["cpu"]
+    if cuda_available is None:
+        cuda_available = bool(torch.cuda.is_available())
+    return RECOMMENDED["gpu" if cuda_available else "cpu"]
 
-    ``method`` may be ``None`` when ``config`` names a preset or file that says its ``method``;
-    when both are given they must agree.  ``data.root`` is filled from ``data``.
+
+def resolve_config(method: str | None, config: str | None = None, overrides=(), data: str | None = None) -> dict:
+    """Engine defaults <- config file <- overrides, all checked.
+
+    The config file is ``config`` (a preset or a YAML file), else the method's ``<method>_cpu``
+    preset, else (neither given) the recommended recipe (:func:`recommended_preset`).  ``method``
+    may be ``None`` when the config says its ``method``; when both are given they must agree.
+    ``data.root`` is filled from ``data``.
     """
     if method is not None:
         get_method(method)  # an unknown name is said as such, with the known ones
     name = config or (default_preset(method) if method else None)
     if name is None:
-        raise UserError("give --method or a --config preset that names its method")
+        name = config = recommended_preset(overrides)
+        log.info("no --method or --config: the recommended recipe, preset %s (docs/recipes.md)", name)
     if config is None and not is_preset(name):  # registration checks it; a broken install still reads well
         raise UserError(f"method {method!r} has no packaged preset {name}.yaml; give --config FILE")
     file_cfg, source = load_config_with_source(name)

@@ -40,7 +40,9 @@ log = get_logger("pretrain")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, choices=discover(),
-                   help="pretraining method (may be left out when --config names a preset or file that names it)")
+                   help="pretraining method (may be left out when --config names a preset or file that names it; "
+                        "with neither, the recommended recipe runs: preset recommended_cpu, or recommended_gpu "
+                        "when CUDA is usable)")
     p.add_argument("--data", required=True, help="dataset store folder (from 'radpretrain ingest')")
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     p.add_argument("--config", default=None,
