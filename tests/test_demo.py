@@ -25,7 +25,7 @@ def test_headline_table_without_rows():
 
 
 def test_demo_stage_commands_and_reuse(tmp_path, monkeypatch):
-    """The stages a demo runs (stubbed), the focal-lesion SimCLR preset, and reuse of finished stages."""
+    """The stages a demo runs (stubbed), the recommended recipe, and reuse of finished stages."""
     import argparse
     import json
 
@@ -54,7 +54,7 @@ def test_demo_stage_commands_and_reuse(tmp_path, monkeypatch):
     stages = [c[0] for c in calls]
     assert stages == ["synth", "ingest", "split", "info", "pretrain", "evaluate", "export"]
     pre = calls[stages.index("pretrain")]
-    assert pre[pre.index("--config") + 1] == "simclr_local" and "trainer.max_steps=300" in pre
+    assert "--config" not in pre and "--method" not in pre and "trainer.max_steps=150" in pre  # recommended recipe
     ev = calls[stages.index("evaluate")]
     assert ev.count("--init") == 3 and "imagenet" in ev and "0.01,0.1,1.0" in ev
     calls.clear()
@@ -64,4 +64,18 @@ def test_demo_stage_commands_and_reuse(tmp_path, monkeypatch):
     where["out"] = tmp_path / "e"
     assert demo.run(p.parse_args(["--out", str(tmp_path / "e"), "--method", "mae"])) == 0
     mae = [c for c in calls if c[0] == "pretrain"][0]
-    assert "--config" not in mae  # other methods: their configs/<method>_cpu.yaml
+    assert "--config" not in mae and mae[mae.index("--method") + 1] == "mae"  # its <method>_cpu preset
+
+
+def test_verdict_says_where_ours_won_and_why_not_elsewhere():
+    from radpretrain.demo import verdict
+
+    row = lambda f, d, lo, hi: {"init": "run", "protocol": "linear", "fraction": f, "delta_vs_imagenet": d,  # noqa: E731
+                                "delta_vs_imagenet_ci": [lo, hi]}
+    s = {"headline": [row(0.01, 0.06, 0.02, 0.1), row(0.1, -0.05, -0.09, -0.01), row(1.0, 0.0, -0.02, 0.02)]}
+    lines = verdict(s, recommended=True, synthetic=True)
+    assert "better at 1% " in lines[0] and "worse at 10%" in lines[0]
+    assert any("synthetic" in x for x in lines) and any("docs/recipes.md" in x for x in lines)
+    assert verdict(s, recommended=False, synthetic=False) == lines[:1]
+    all_won = {"headline": [row(0.1, 0.06, 0.02, 0.1)]}
+    assert len(verdict(all_won, True, True)) == 1 and verdict({"headline": []}, True, True) == []
