@@ -72,9 +72,10 @@ def test_verdict_says_where_ours_won_and_why_not_elsewhere():
 
     row = lambda f, d, lo, hi: {"init": "run", "protocol": "linear", "fraction": f, "delta_vs_imagenet": d,  # noqa: E731
                                 "delta_vs_imagenet_ci": [lo, hi]}
-    s = {"headline": [row(0.01, 0.06, 0.02, 0.1), row(0.1, -0.05, -0.09, -0.01), row(1.0, 0.0, -0.02, 0.02)]}
+    scratch = {**row(1.0, -0.3, -0.4, -0.2), "init": "scratch"}  # scratch's own difference is not ours
+    s = {"headline": [scratch, row(0.01, 0.06, 0.02, 0.1), row(0.1, -0.05, -0.09, -0.01), row(1.0, 0.0, -0.02, 0.02)]}
     lines = verdict(s, recommended=True, synthetic=True)
-    assert "better at 1% " in lines[0] and "worse at 10%" in lines[0]
+    assert "better at 1% labels; worse at 10%; not distinguishable at 100%." in lines[0]
     assert any("synthetic" in x for x in lines) and any("docs/recipes.md" in x for x in lines)
     assert verdict(s, recommended=False, synthetic=False) == lines[:1]
     all_won = {"headline": [row(0.1, 0.06, 0.02, 0.1)]}
