@@ -83,6 +83,10 @@ R = {}
 def recipe(name, method, config, *over, note="", cost_as=None, eval_extra=()):
     """``cost_as``: a recipe with the same cost per step (its calibration is used); ``eval_extra``:
     evaluate options for its encoders (e.g. the token poolings of a ViT)."""
+    if config == "simclr_cpu" and not any(o.startswith("model.freeze_bn_stats=") for o in over):
+        # simclr_cpu keeps the ImageNet BatchNorm statistics since this study; its recipes that do not say
+        # otherwise ran with them trained, as the preset did then
+        over = ("model.freeze_bn_stats=false", *over)
     R[name] = {"method": method, "config": config, "over": list(over), "note": note, "cost_as": cost_as,
                "eval_extra": list(eval_extra)}
 

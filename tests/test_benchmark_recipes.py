@@ -1,0 +1,57 @@
+"""benchmarks/recipes.py: the study's partition and its seed-mean statistics (no data needed)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py"
+
+
+@pytest.fixture(scope="module")
+def rec():
+    spec = importlib.util.spec_from_file_location("radpretrain_bench_recipes", RECIPES)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_halves_split_each_stratum_evenly_and_reproducibly(rec):
+    units = {f"p{i}": ("a" if i % 3 else "b") for i in range(101)}
+    h = rec._halves(units, seed=0)
+    assert h == rec._halves(units, seed=0) and h != rec._halves(units, seed=1)
+    for stratum in ("a", "b"):
+        sides = [h[u] for u, s in units.items() if s == stratum]
+        assert abs(sides.count("dev") - sides.count("test")) <= 1
+
+
+def test_recipes_before_the_batchnorm_change_still_train_the_statistics(rec):
+    assert "model.freeze_bn_stats=false" in rec.R["simclr_cpu"]["over"]
+    assert "model.freeze_bn_stats=true" in rec.R["fbn"]["over"]
+    assert "model.freeze_bn_stats=false" not in rec.R["fbn"]["over"]
+
+
+def _preds(y, score, patients):
+    return pd.DataFrame({"image_id": np.arange(len(y)), "fold": 0, "patient_id": patients, "y_true": y,
+                         "y_score": score})
+
+
+def test_seed_mean_delta_is_the_mean_of_per_seed_differences_with_a_ci_around_it(rec):
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    patients = np.repeat(np.arange(n // 2), 2)
+    ref = _preds(y, y + rng.normal(0, 1.5, n), patients)
+    seeds = [_preds(y, y + rng.normal(0, s, n), patients) for s in (0.6, 0.8, 1.0)]
+    d = rec.seed_mean_delta("knee", seeds, ref, n_boot=200)
+    from sklearn.metrics import roc_auc_score
+
+    want = [roc_auc_score(y, s["y_score"]) - roc_auc_score(y, ref["y_score"]) for s in seeds]
+    assert d["per_seed"] == [round(w, 4) for w in want]
+    assert d["mean_delta"] == pytest.approx(np.mean(want))
+    assert d["ci_mean"][0] < d["mean_delta"] < d["ci_mean"][1] and d["ci_mean"][0] > 0  # clearly better here
+    assert d["sd_seeds"] == pytest.approx(np.std(want, ddof=1))
+    same = rec.seed_mean_delta("knee", [ref, ref], ref, n_boot=50)
+    assert same["mean_delta"] == 0 and same["ci_mean"] == [0, 0]
