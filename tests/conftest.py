@@ -38,3 +38,24 @@ import pytest  # noqa: E402
 def rel_err():
     """See :func:`_rel_err`."""
     return _rel_err
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("gpu")`` -> the module of ``benchmarks/gpu.py`` (benchmarks are scripts, not a
+    package), loaded once per session."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"radpretrain_bench_{name}", root / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    return load

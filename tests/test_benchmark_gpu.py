@@ -1,19 +1,11 @@
 """benchmarks/gpu.py --smoke: its core function on the CPU at tiny sizes (every method, the engine end to end)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-GPU_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("radpretrain_bench_gpu", GPU_BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("gpu")
 
 
 def test_smoke_measures_every_method(bench):

@@ -1,21 +1,13 @@
 """benchmarks/recipes.py: the study's partition and its seed-mean statistics (no data needed)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py"
-
 
 @pytest.fixture(scope="module")
-def rec():
-    spec = importlib.util.spec_from_file_location("radpretrain_bench_recipes", RECIPES)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def rec(load_benchmark):
+    return load_benchmark("recipes")
 
 
 def test_halves_split_each_stratum_evenly_and_reproducibly(rec):

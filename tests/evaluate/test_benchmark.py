@@ -1,20 +1,13 @@
 """benchmarks/evaluate.py's core (what --quick runs), on tiny backbones so it fits in CI."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "evaluate.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_evaluate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("evaluate")
 
 
 def test_benchmark_core_times_features_and_an_epoch(bench):
