@@ -80,13 +80,17 @@ TASKS = {
 R = {}
 
 
+PRESET_BEFORE = {"simclr_cpu": ("model.freeze_bn_stats=false",),
+                 "dino_cpu": ("model.freeze_bn_stats=false", "dino.freeze_last_layer=1")}
+
+
 def recipe(name, method, config, *over, note="", cost_as=None, eval_extra=()):
     """``cost_as``: a recipe with the same cost per step (its calibration is used); ``eval_extra``:
     evaluate options for its encoders (e.g. the token poolings of a ViT)."""
-    if config == "simclr_cpu" and not any(o.startswith("model.freeze_bn_stats=") for o in over):
-        # simclr_cpu keeps the ImageNet BatchNorm statistics since this study; its recipes that do not say
-        # otherwise ran with them trained, as the preset did then
-        over = ("model.freeze_bn_stats=false", *over)
+    # presets this study changed: a recipe that does not set such a key runs with the value the preset
+    # had when the study ran it
+    said = {o.lstrip("+").split("=", 1)[0] for o in over}
+    over = (*(o for o in PRESET_BEFORE.get(config, ()) if o.split("=", 1)[0] not in said), *over)
     R[name] = {"method": method, "config": config, "over": list(over), "note": note, "cost_as": cost_as,
                "eval_extra": list(eval_extra)}
 

@@ -23,6 +23,8 @@ def test_recipes_before_the_batchnorm_change_still_train_the_statistics(rec):
     assert "model.freeze_bn_stats=false" in rec.R["simclr_cpu"]["over"]
     assert "model.freeze_bn_stats=true" in rec.R["fbn"]["over"]
     assert "model.freeze_bn_stats=false" not in rec.R["fbn"]["over"]
+    assert {"model.freeze_bn_stats=false", "dino.freeze_last_layer=1"} <= set(rec.R["dino_cpu"]["over"])
+    assert rec.R["dino_fix"]["over"] == ["model.freeze_bn_stats=true", "dino.freeze_last_layer=0"]
 
 
 def _preds(y, score, patients):
