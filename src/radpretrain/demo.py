@@ -108,12 +108,13 @@ def verdict(summary: dict, recommended: bool, synthetic: bool) -> list[str]:
              f"worse at {say(lost)}; not distinguishable at {say(level)}."]
     if len(won) < len(rows):
         if synthetic:
-            lines.append("Why it may not win everywhere here: the demo pretrains for 150 steps on a few hundred synthetic "
-                         "images, and its target is a small focal lesion that SimCLR's large crops often cut away.")
+            lines.append("Why it may not win everywhere here: the demo pretrains briefly (150 steps by default) on a few "
+                         "hundred synthetic images, and its target is a small focal lesion that SimCLR's large crops "
+                         "often cut away.")
         if recommended:
-            lines.append("The recommended recipe was chosen on real knee and chest radiographs, where it beat ImageNet "
-                         "by several AUC points at 1-10 % labels (docs/recipes.md). Small focal findings: try "
-                         "--config simclr_local.")
+            lines.append("The recommended recipe was chosen on real radiographs: on held-out knee osteoarthritis "
+                         "grading it beat ImageNet by 0.03-0.04 AUC (linear probe, 3 seeds), on paediatric chest "
+                         "pneumonia it was level (docs/recipes.md). Small focal findings: try --config simclr_local.")
     return lines
 
 
