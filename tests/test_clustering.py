@@ -5,10 +5,7 @@ import pytest
 import torch
 
 from radpretrain import clustering as C
-from radpretrain.data.dataset import StoreDataset
-from radpretrain.synthetic.toy import make_toy_store
 from radpretrain.errors import UserError
-from radpretrain.methods import get_method
 from radpretrain.methods.deepcluster import nmi, pca_whiten_l2, run_kmeans
 
 
@@ -95,32 +92,3 @@ def test_cluster_sums_are_segment_sums():
     assert counts.tolist() == [2, 0, 3, 1, 0]
     ref = torch.zeros(5, 2, dtype=torch.float64).index_add_(0, labels, x.double())
     assert torch.equal(sums, ref)
-
-
-def test_deepcluster_clusters_on_the_device_path(tmp_path):
-    """deepcluster.cluster_on=device on a CPU: features as a tensor, torch PCA + k-means, the same groups."""
-    class OrientationFeatures(torch.nn.Module):  # a fixed encoder: the toy body parts are its clusters
-        num_features = 3
-
-        def forward(self, x):
-            gx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3))
-            gy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
-            gd = (x[..., 1:, 1:] - x[..., :-1, :-1]).abs().mean((1, 2, 3))
-            return torch.stack([gx, gy, gd], 1) * 10
-
-    def _cfg(**dc):
-        return {"seed": 0, "data": {"image_size": 32, "batch_size": 8}, "model": {"backbone": "resnet18", "pretrained": None},
-                "deepcluster": {"num_clusters": 3, "pca_dim": 3, "kmeans_redo": 3, **dc}}
-
-    root = make_toy_store(tmp_path / "ds", n_patients=24, images_per_patient=2, lesion_rate=0.0)
-    body = None
-    found = {}
-    for where in ("cpu", "device"):
-        method = get_method("deepcluster")(_cfg(cluster_on=where))
-        method.encoder = OrientationFeatures()
-        ds = StoreDataset(root, indices=np.arange(4, 48), image_size=32, defer_resize=where == "device")
-        method.train_sampler(ds)
-        assert method.cluster_on_device() == (where == "device")
-        found[where] = method.ensure_clusters()
-        body = ds.store.images["body_part"].to_numpy()[method.rows]
-    assert nmi(body, found["device"]) > 0.9 and nmi(found["cpu"], found["device"]) > 0.9

@@ -239,3 +239,19 @@ def test_bucket_resize_is_refused():
     cfg["data"]["resize"] = "bucket"
     with pytest.raises(UserError, match="letterbox"):
         get_method("deepcluster")(cfg)
+
+
+def test_deepcluster_clusters_on_the_device_path(tmp_path):
+    """deepcluster.cluster_on=device on a CPU: features as a tensor, torch PCA + k-means, the same groups."""
+    root = make_toy_store(tmp_path / "ds", n_patients=24, images_per_patient=2, lesion_rate=0.0)
+    body = None
+    found = {}
+    for where in ("cpu", "device"):
+        method = get_method("deepcluster")(_cfg(cluster_on=where))
+        method.encoder = OrientationFeatures()
+        ds = StoreDataset(root, indices=np.arange(4, 48), image_size=32, defer_resize=where == "device")
+        method.train_sampler(ds)
+        assert method.cluster_on_device() == (where == "device")
+        found[where] = method.ensure_clusters()
+        body = ds.store.images["body_part"].to_numpy()[method.rows]
+    assert nmi(body, found["device"]) > 0.9 and nmi(found["cpu"], found["device"]) > 0.9
