@@ -38,8 +38,9 @@ Usage (each stage skips what is already done, so a stopped study continues where
 
     python benchmarks/recipes.py --work /tmp/study prepare
     python benchmarks/recipes.py --work /tmp/study calibrate simclr_cpu dino_cpu
-    python benchmarks/recipes.py --work /tmp/study run RECIPE --minutes 5 --seeds 0 [--corpus nt] [--part dev]
-    python benchmarks/recipes.py --work /tmp/study stage screen      # a named list of runs (STAGES)
+    python benchmarks/recipes.py --work /tmp/study run RECIPE --minutes 5 --seeds 0 [--corpus nt] [--parts dev]
+    python benchmarks/recipes.py --work /tmp/study seeds fbn --minutes 15 --seeds 0 1 2 --parts test
+    python benchmarks/recipes.py --work /tmp/study seeds fbn --minutes 15 --parts test --protocol finetune --fractions 0.01,0.1
     python benchmarks/recipes.py --work /tmp/study table             # every evaluated run, one JSON line
 
 Prints one JSON line last.
@@ -162,7 +163,9 @@ def backbone_of(name: str) -> str:
             return o.split("=", 1)[1]
     import yaml
 
-    cfg = yaml.safe_load((REPO / "configs" / f"{R[name]['config']}.yaml").read_text())
+    from radpretrain.config import preset_text
+
+    cfg = yaml.safe_load(preset_text(R[name]["config"]))
     return str(cfg["model"]["backbone"])
 
 

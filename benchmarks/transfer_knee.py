@@ -10,7 +10,7 @@ Steps, all through the ``radpretrain`` CLI (what a user would type):
    knees of a subject stay together; the grade folder becomes the ``label`` column);
 2. ``split`` into patient-grouped, label-stratified folds with nested label fractions;
 3. ``pretrain`` an encoder on the knee images *without* their labels (default: SimCLR from
-   the ImageNet weights of tf_efficientnet_lite0, ``configs/simclr_cpu.yaml``). Note: the
+   the ImageNet weights of tf_efficientnet_lite0, the ``simclr_cpu`` preset). Note: the
    pretraining sees every image of the store, the evaluation's test images included (not their
    labels), as an archive would;
 4. ``evaluate`` two tasks, binary osteoarthritis (``label>=2``) and the 5-class grade, with

@@ -49,3 +49,9 @@ def test_seed_mean_delta_is_the_mean_of_per_seed_differences_with_a_ci_around_it
     assert d["sd_seeds"] == pytest.approx(np.std(want, ddof=1))
     same = rec.seed_mean_delta("knee", [ref, ref], ref, n_boot=50)
     assert same["mean_delta"] == 0 and same["ci_mean"] == [0, 0]
+
+
+def test_backbone_of_a_recipe_is_its_override_or_its_packaged_preset(rec):
+    assert rec.backbone_of("simclr_cpu") == "tf_efficientnet_lite0"  # from the preset inside the package
+    assert rec.backbone_of("fbn_lite1") == "tf_efficientnet_lite1"  # from the recipe's override
+    assert rec.backbone_of("mae_cpu").startswith("vit")

@@ -54,7 +54,7 @@ def ramp(h=64, w=80, top=4095, dtype=np.uint16):
 
 
 def test_sniff_by_content(tmp_path):
-    a = make_dicom(ramp(), tmp_path / "IM0001")                         # no extension
+    make_dicom(ramp(), tmp_path / "IM0001")                             # no extension
     b = make_dicom(ramp(), tmp_path / "raw.bin", preamble=False)      # no preamble, no meta
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.dat", format="PNG")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "y.jpg")

@@ -8,7 +8,7 @@ import pytest
 
 from radpretrain.cli import main
 from radpretrain.data.splits import (
-    check_leakage, fold_indices, load_splits, make_splits, select, split_indices, write_splits,
+    check_leakage, fold_indices, load_splits, make_splits, select, split_indices,
 )
 from radpretrain.data.store import Store
 from radpretrain.synthetic.toy import make_toy_store

@@ -11,39 +11,11 @@ from torch import nn
 from radpretrain.errors import UserError
 from radpretrain.evaluate.device import ImageFeeder, Runtime, choose_feed, resolve_device
 from radpretrain.evaluate.features import extract_features
-from radpretrain.evaluate.inits import InitEncoder
 from radpretrain.evaluate.metrics import metric_value
 from radpretrain.evaluate.protocols import finetune
 from radpretrain.transforms import finetune_augment
 
 GPU_LIKE = Runtime(torch.device("cpu"), torch.bfloat16, True, "cpu standing in for a GPU")
-
-
-class _Tiny(nn.Module):
-    num_features = 8
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _images(n, seed=0, size=20):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    imgs = (rng.random((n, 1, size, size)) * 80).astype(np.uint8)
-    for i in np.flatnonzero(y):
-        r, c = rng.integers(2, size - 10, 2)
-        imgs[i, 0, r : r + 8, c : c + 8] = 250
-    return torch.from_numpy(imgs), y
-
-
-def _make():
-    torch.manual_seed(0)
-    return InitEncoder(_Tiny(), [0.2], [0.3])
 
 
 # -- device choice ------------------------------------------------------------------------------
@@ -84,8 +56,8 @@ def test_feed_mode_follows_free_memory():
 # -- feeder ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["host", "device", "pinned"])
-def test_feeder_modes_give_the_same_batches(mode):
-    imgs, _ = _images(23)
+def test_feeder_modes_give_the_same_batches(mode, toys):
+    imgs, _ = toys.images(23)
     order = np.random.default_rng(1).permutation(23)
     feeder = ImageFeeder(imgs, "cpu", mode=mode, pin=False)
     batches = list(feeder.batches(order, 5, min_size=2))  # 5+5+5+5+3; kept, so reused buffers would show
@@ -127,19 +99,19 @@ def test_runtime_autocast_fused_adamw_and_generator():
     assert d["precision"] == "bfloat16 autocast" and d["adamw"] == "fused" and d["images"] == "device"
 
 
-def test_bf16_features_match_float32_within_rounding():
-    imgs, _ = _images(40, size=24)
-    f32 = extract_features(_make(), imgs, batch_size=16)
-    bf16 = extract_features(_make(), ImageFeeder(imgs, "cpu", mode="pinned", pin=False), batch_size=16,
+def test_bf16_features_match_float32_within_rounding(toys):
+    imgs, _ = toys.images(40, size=24)
+    f32 = extract_features(toys.encoder(seed=0), imgs, batch_size=16)
+    bf16 = extract_features(toys.encoder(seed=0), ImageFeeder(imgs, "cpu", mode="pinned", pin=False), batch_size=16,
                             runtime=GPU_LIKE)
     assert bf16.dtype == np.float32 and bf16.shape == f32.shape
     rel = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)
     assert 0 < rel < 0.05  # bf16 rounding (8 bits of mantissa), not another computation
 
 
-def test_finetune_on_the_gpu_path_learns(monkeypatch):
+def test_finetune_on_the_gpu_path_learns(monkeypatch, toys):
     """bf16 autocast + fused AdamW + the pinned feeder, on CPU tensors: it trains, and it really used them."""
-    imgs, y = _images(160)
+    imgs, y = toys.images(160)
     tr, va, te = np.arange(0, 100), np.arange(100, 130), np.arange(130, 160)
     opts = {"epochs": 6, "lr": 2e-2, "batch_size": 20, "patience": 3, "rotate": 0, "crop": 0}
     used = {"fused": [], "autocast": 0}
@@ -158,27 +130,27 @@ def test_finetune_on_the_gpu_path_learns(monkeypatch):
 
     monkeypatch.setattr(Runtime, "autocast", spy_autocast)
     feeder = ImageFeeder(imgs, "cpu", mode="pinned", pin=False)
-    r = finetune(_make, "binary", 2, feeder, y, tr, va, te, opts, runtime=GPU_LIKE)
+    r = finetune(lambda: toys.encoder(seed=0), "binary", 2, feeder, y, tr, va, te, opts, runtime=GPU_LIKE)
     assert metric_value("auc", "binary", y[te], r.test_scores) > 0.85
     assert used["fused"] and all(f is True for f in used["fused"]) and used["autocast"] > 10
     assert np.all(np.isfinite(r.test_scores)) and r.test_scores.dtype.kind == "f"
 
 
 @pytest.mark.parametrize("mode", ["device", "pinned"])
-def test_cpu_finetune_is_independent_of_the_feed_mode(mode):
+def test_cpu_finetune_is_independent_of_the_feed_mode(mode, toys):
     """Feeding changes where bytes live, never the numbers: bit-identical to the plain CPU path."""
-    imgs, y = _images(90, seed=2)
+    imgs, y = toys.images(90, seed=2)
     tr, va, te = np.arange(0, 60), np.arange(60, 75), np.arange(75, 90)
     opts = {"epochs": 2, "lr": 1e-2, "batch_size": 16}
-    ref = finetune(_make, "binary", 2, imgs, y, tr, va, te, opts)
-    got = finetune(_make, "binary", 2, ImageFeeder(imgs, "cpu", mode=mode, pin=False), y, tr, va, te, opts,
-                   runtime=Runtime.cpu())
+    ref = finetune(lambda: toys.encoder(seed=0), "binary", 2, imgs, y, tr, va, te, opts)
+    got = finetune(lambda: toys.encoder(seed=0), "binary", 2, ImageFeeder(imgs, "cpu", mode=mode, pin=False), y,
+                   tr, va, te, opts, runtime=Runtime.cpu())
     assert np.array_equal(ref.test_scores, got.test_scores)
     assert ref.chosen["tried"][0]["history"] == got.chosen["tried"][0]["history"]
 
 
-def test_finetune_reports_progress_per_batch():
-    imgs, y = _images(70, seed=3)
+def test_finetune_reports_progress_per_batch(toys):
+    imgs, y = toys.images(70, seed=3)
     tr, va, te = np.arange(0, 41), np.arange(41, 55), np.arange(55, 70)
 
     class Bar:
@@ -195,10 +167,11 @@ def test_finetune_reports_progress_per_batch():
 
     bar = Bar()
     opts = {"epochs": 3, "batch_size": 8, "patience": None}  # 41 = 5 x 8 + 1: the single last image is skipped
-    finetune(_make, "binary", 2, imgs, y, tr, va, te, opts, progress=bar)
+    finetune(lambda: toys.encoder(seed=0), "binary", 2, imgs, y, tr, va, te, opts, progress=bar)
     assert bar.n == finetune_steps(41, opts) == 15 and bar.post["epoch"] == 3
     bar = Bar()
-    finetune(_make, "binary", 2, imgs, y, tr, va, te, {**opts, "epochs": 20, "patience": 1, "lr": 1.0}, progress=bar)
+    finetune(lambda: toys.encoder(seed=0), "binary", 2, imgs, y, tr, va, te,
+             {**opts, "epochs": 20, "patience": 1, "lr": 1.0}, progress=bar)
     assert bar.n == finetune_steps(41, {**opts, "epochs": 20})  # early stop: the bar still completes
 
 
@@ -232,24 +205,24 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("mode", ["device", "pinned"])
-def test_on_cuda_finetune_learns_with_every_feed_mode(mode):
+def test_on_cuda_finetune_learns_with_every_feed_mode(mode, toys):
     rt = Runtime.for_device("cuda")
     assert rt.fused_adamw and rt.name
-    imgs, y = _images(160)
+    imgs, y = toys.images(160)
     tr, va, te = np.arange(0, 100), np.arange(100, 130), np.arange(130, 160)
     opts = {"epochs": 6, "lr": 2e-2, "batch_size": 20, "patience": 3}  # augmentation on: a CUDA generator
     feeder = ImageFeeder(imgs, rt.device, mode=mode)
     assert feeder.mode == mode
-    r = finetune(_make, "binary", 2, feeder, y, tr, va, te, opts, runtime=rt)
+    r = finetune(lambda: toys.encoder(seed=0), "binary", 2, feeder, y, tr, va, te, opts, runtime=rt)
     assert metric_value("auc", "binary", y[te], r.test_scores) > 0.85
 
 
 @cuda
-def test_on_cuda_features_match_the_cpu_within_bf16_rounding():
+def test_on_cuda_features_match_the_cpu_within_bf16_rounding(toys):
     rt = Runtime.for_device("cuda")
-    imgs, _ = _images(64, size=24)
-    cpu = extract_features(_make(), imgs, batch_size=16)
-    gpu = extract_features(_make(), ImageFeeder(imgs, rt.device), batch_size=16, runtime=rt)
+    imgs, _ = toys.images(64, size=24)
+    cpu = extract_features(toys.encoder(seed=0), imgs, batch_size=16)
+    gpu = extract_features(toys.encoder(seed=0), ImageFeeder(imgs, rt.device), batch_size=16, runtime=rt)
     assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 0.05
     x = torch.rand(6, 1, 16, 16, device=rt.device)
     out = finetune_augment(x, {"rotate": 10, "crop": 0.1, "brightness": 0.1, "contrast": 0.1},

@@ -4,7 +4,7 @@ known answers, and its patient bootstrap."""
 import numpy as np
 import pytest
 
-from radpretrain.evaluate.metrics import FROC_FPS, froc_curve, froc_sensitivities, froc_with_ci
+from radpretrain.evaluate.metrics import froc_curve, froc_sensitivities, froc_with_ci
 
 
 def test_froc_on_a_hand_made_ranking():

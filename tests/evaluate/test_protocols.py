@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from radpretrain.evaluate.inits import InitEncoder
 from radpretrain.evaluate.metrics import metric_value
@@ -61,39 +60,14 @@ def test_probe_keeps_all_classes_when_train_misses_one():
     assert r.test_scores.shape == (len(te), 3) and np.all(r.test_scores[:, 2] == 0)
 
 
-class _Tiny(nn.Module):
-    """A tiny CNN encoder with BatchNorm (like real backbones)."""
-
-    num_features = 8
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _images(n, seed=0):
-    """Class 1 has a bright square somewhere; class 0 does not."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    imgs = (rng.random((n, 1, 20, 20)) * 80).astype(np.uint8)
-    for i in np.flatnonzero(y):
-        r, c = rng.integers(2, 10, 2)
-        imgs[i, 0, r : r + 8, c : c + 8] = 250
-    return torch.from_numpy(imgs), y
-
-
-def test_finetune_learns_and_warmup_freezes_encoder():
+def test_finetune_learns_and_warmup_freezes_encoder(toys):
     torch.manual_seed(0)
-    imgs, y = _images(160)
+    imgs, y = toys.images(160)
     tr, va, te = np.arange(0, 100), np.arange(100, 130), np.arange(130, 160)
 
     def make():
         torch.manual_seed(0)
-        return InitEncoder(_Tiny(), [0.2], [0.3])
+        return toys.encoder([0.2], [0.3])
 
     opts = {"epochs": 6, "lr": 2e-2, "batch_size": 20, "patience": 3, "rotate": 0, "crop": 0}
     r = finetune(make, "binary", 2, imgs, y, tr, va, te, opts)
@@ -116,11 +90,11 @@ def test_finetune_learns_and_warmup_freezes_encoder():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_finetune_lr_sweep_is_chosen_on_validation():
-    imgs, y = _images(120, seed=1)
+def test_finetune_lr_sweep_is_chosen_on_validation(toys):
+    imgs, y = toys.images(120, seed=1)
     tr, va, te = np.arange(0, 70), np.arange(70, 95), np.arange(95, 120)
     opts = {"epochs": 2, "lr_sweep": [1e-2, 1e-7], "batch_size": 24, "augment": False}
-    r = finetune(lambda: InitEncoder(_Tiny(), [0.2], [0.3]), "binary", 2, imgs, y, tr, va, te, opts)
+    r = finetune(lambda: toys.encoder([0.2], [0.3]), "binary", 2, imgs, y, tr, va, te, opts)
     tried = r.chosen["tried"]
     assert [t["lr"] for t in tried] == [1e-2, 1e-7]
     best = max(tried, key=lambda t: t["val_score"])
@@ -135,9 +109,9 @@ def test_finetune_augment_keeps_range_and_shape():
     assert not torch.allclose(out, x)
 
 
-def test_extract_features_shape_and_pool_check():
-    enc = InitEncoder(_Tiny(), [0.5], [0.25])
-    imgs, _ = _images(10)
+def test_extract_features_shape_and_pool_check(toys):
+    enc = toys.encoder([0.5], [0.25])
+    imgs, _ = toys.images(10)
     f = extract_features(enc, imgs, batch_size=4)
     assert f.shape == (10, 8)
     from radpretrain.errors import UserError
@@ -146,13 +120,13 @@ def test_extract_features_shape_and_pool_check():
         extract_features(enc, imgs, pool="cls")
 
 
-def test_vit_token_pooling_mean_cls_flat():
+def test_vit_token_pooling_mean_cls_flat(toys):
     import timm
 
     vit = timm.create_model("test_vit", pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=8)
     enc = InitEncoder(vit, [0.5], [0.25])
     assert enc.is_vit
-    imgs, _ = _images(3)
+    imgs, _ = toys.images(3)
     imgs = torch.nn.functional.interpolate(imgs.float(), size=32).to(torch.uint8)
     d = vit.num_features
     n_tok = (32 // 8) ** 2

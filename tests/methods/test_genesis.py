@@ -9,7 +9,6 @@ import torch
 
 from radpretrain.data.dataset import StoreDataset
 from radpretrain.synthetic.toy import make_toy_store
-from radpretrain.errors import UserError
 from radpretrain.methods import get_method
 from radpretrain.methods.genesis import masked_mse
 

@@ -298,7 +298,7 @@ def _chest(c: Canvas, view: str):
 
 
 def _foot(c: Canvas, view: str):
-    rng, W, H = c.rng, c.W, c.H
+    W, H = c.W, c.H
     if view == "LAT":
         base = H * 0.72
         hx = 0.22 * W
@@ -366,7 +366,7 @@ def _spine(c: Canvas, view: str):
 
 
 def _shoulder(c: Canvas, view: str):
-    rng, W, H = c.rng, c.W, c.H
+    W, H = c.W, c.H
     c.soft_ellipse((H * 0.55, W * 0.55), W * 0.6, H * 0.6, depth=0.45)
     c.air((H * 0.6, W * 0.05), 0.25, 0.4, mu=0.7)
     hy, hx = H * 0.38, W * 0.62
