@@ -45,6 +45,9 @@ DATA_LAYER_LAZY = ("pydicom", "nibabel", "scipy", "matplotlib", "dicomweb_client
 LAZY_OWN = {
     ("__init__.py", "radpretrain.encoder"):
         "'import radpretrain' (and so 'radpretrain --help') stays free of torch; load_encoder imports it on use",
+    ("export/card.py", "radpretrain.methods"):
+        "the method classes import Lightning (~3 s); 'radpretrain export --help' and the card's other "
+        "helpers do not need them, only a card's method line does",
 }
 MUTATORS = {"append", "extend", "insert", "pop", "popitem", "clear", "update", "setdefault", "add", "discard",
             "remove", "sort", "reverse"}

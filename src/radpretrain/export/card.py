@@ -24,7 +24,6 @@ import yaml
 from radpretrain.config import get as cfg_get
 from radpretrain.data.store import Store
 from radpretrain.errors import UserError
-from radpretrain.methods import find_method
 from radpretrain.models.backbones import is_random_init
 from radpretrain.utils import get_logger, read_json
 
@@ -38,6 +37,8 @@ def method_description(method: str) -> tuple[str, str, str]:
 
     A run made by a method that is not installed here is described by its name only.
     """
+    from radpretrain.methods import find_method  # lazy: imports Lightning (~3 s), which `export --help` need not wait for
+
     cls = find_method(method)
     if cls is None:
         return method, "see the radpretrain documentation", "self-supervised-learning"
