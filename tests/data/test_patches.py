@@ -277,6 +277,9 @@ def test_read_candidates_and_user_errors(ct_set, tmp_path, deid_key, capsys):
     assert main(["patches", str(ct_set["volumes"]), "--candidates", str(ct_set["csv"]), "--out",
                  str(tmp_path / "full")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+    inside = ct_set["volumes"] / "store"
+    assert main(["patches", str(ct_set["volumes"]), "--candidates", str(ct_set["csv"]), "--out", str(inside)]) == 2
+    assert "must not be inside the volumes folder" in capsys.readouterr().err and not inside.exists()
 
 
 def test_synth_luna16_writes_volumes_and_candidates(tmp_path, deid_key, capsys):

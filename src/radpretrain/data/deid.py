@@ -56,6 +56,19 @@ def key_path() -> Path:
     return Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE).expanduser()
 
 
+def check_store_location(out: Path, sources, what: str = "source folder") -> None:
+    """A one-line error when a new store ``out`` would hold the key file or lie inside one of its
+    ``sources`` (``what`` names them in the message)."""
+    o = out.resolve()
+    kp = key_path().resolve()
+    if kp == o or o in kp.parents:
+        raise UserError(f"{out}: the de-identification key file must not be inside the dataset; choose another --out")
+    for s in sources:
+        sp = Path(s).resolve()
+        if o == sp or sp in o.parents:
+            raise UserError(f"{out}: the dataset must not be inside the {what} {s}")
+
+
 def load_key(create: bool = True) -> bytes:
     """The de-id key: env ``RADPRETRAIN_DEID_KEY``, else the key file (created on first use)."""
     env = os.environ.get(KEY_ENV)

@@ -62,7 +62,7 @@ from radpretrain.data import intensity as I
 from radpretrain.data import readers as R
 from radpretrain.data import vocab as V
 from radpretrain.data.deid import (
-    Pseudonymizer, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens, key_path,
+    Pseudonymizer, check_store_location, folder_name_in_header, folder_name_looks_identifying, header_identity_tokens,
 )
 from radpretrain.data.manifest import (
     CONTENT_HASH, MANIFEST_COLUMNS, label_columns, mark_duplicates, qc_summary, typed, weakest_patient_id_source,
@@ -1021,24 +1021,13 @@ def _parse_partition(text) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def _check_out(out: Path, sources) -> None:
-    kp = key_path().resolve()
-    o = out.resolve()
-    if kp == o or o in kp.parents:
-        raise UserError(f"{out}: the de-identification key file must not be inside the dataset; choose another --out")
-    for s in sources:
-        sp = Path(s).resolve()
-        if o == sp or sp in o.parents:
-            raise UserError(f"{out}: the dataset must not be inside the source folder {s}")
-
-
 def ingest(sources, out, *, labels=None, patient_id=None, label_from_folder="auto", max_size=512, min_size=32,
            workers=0, chunk_size=256, keep_paths=False, partition=None, nifti_slices=5,
            nifti_max_per_patient=50, ct_window=I.CT_WINDOW, mr_percentile=I.MR_PERCENTILE, modality="XR",
            body_part=None, key: bytes | None = None, progress: bool = True) -> dict:
     """Ingest ``sources`` into the store ``out`` (resuming a previous run); returns the QC summary."""
     out = Path(out)
-    _check_out(out, sources)
+    check_store_location(out, sources)
     part = _parse_partition(partition)
     if patient_id:
         try:

@@ -52,7 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from radpretrain.data import intensity as I
-from radpretrain.data.deid import Pseudonymizer, key_path
+from radpretrain.data.deid import Pseudonymizer, check_store_location
 from radpretrain.data.manifest import CONTENT_HASH, MANIFEST_COLUMNS, cast_columns, qc_summary
 from radpretrain.data.readers import content_hash
 from radpretrain.data.store import SHARD_DIR, ShardWriter, write_manifest, write_store_meta
@@ -206,14 +206,7 @@ def sample_plane(volume, center, u, v, size: int, spacing: float, fill: float = 
 def _check_out(out: Path, sources) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new --out")
-    o = out.resolve()
-    kp = key_path().resolve()
-    if kp == o or o in kp.parents:
-        raise UserError(f"{out}: the de-identification key file must not be inside the dataset; choose another --out")
-    for s in sources:
-        sp = Path(s).resolve()
-        if o == sp or sp in o.parents:
-            raise UserError(f"{out}: the dataset must not be inside the volumes folder {s}")
+    check_store_location(out, sources, "volumes folder")
 
 
 def _scan_identity(vs, uid: str, patient_value: str, pseudo, body_part: str | None) -> dict:
