@@ -133,6 +133,8 @@ recipe("fbn_lite1", "simclr", "simclr_cpu", *FBN, "model.backbone=tf_efficientne
        note="fbn from the lite1 ImageNet start, own calibration")
 recipe("fbn_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="fbn",
        note="simclr_cpu + frozen BatchNorm statistics + lr 1e-4, own calibration")
+recipe("fbn_meta", "simclr", "simclr_cpu", *FBN, "metadata_heads.weight=0.5", "metadata_heads.heads=[body_part]",
+       cost_as="fbn", note="fbn + the metadata heads (this archive knows only the body part), weight 0.5")
 recipe("sf_geo", "simclr", "simclr_cpu", *FBN, *GEO, cost_as="simclr_cpu", note="frozen BN + geometric views only")
 recipe("sf_lr1e3", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-3", cost_as="simclr_cpu", note="frozen BN + lr 1e-3")
 recipe("sf_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="simclr_cpu", note="frozen BN + lr 1e-4")

@@ -7,7 +7,8 @@ image; a teacher of the same shape sees the global views only, and the student i
 trained to give the teacher's output distribution for every other view (lightly's
 ``DINOLoss``: the teacher's outputs are centred and sharpened, its temperature warmed
 up over ``dino.warmup_teacher_temp_epochs``; the centre is averaged across DDP
-processes).  The teacher gets no gradients: after each optimiser step it becomes an
+processes).  With ``metadata_heads.weight > 0`` the archive's metadata heads (body part, age,
+sex, view) are trained on the student's features of the global views too.  The teacher gets no gradients: after each optimiser step it becomes an
 exponential moving average of the student (lightly's ``update_momentum``), with a
 momentum going from ``dino.momentum_teacher`` to 1 along a cosine over the run's steps
 (lightly's ``cosine_schedule``).  The last layer of the student head is frozen for the
@@ -39,6 +40,7 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
+from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection, add_metadata_loss
 from radpretrain.settings import probability
 from radpretrain.transforms import AugmentSection, GreyAugment
 
@@ -69,7 +71,7 @@ class DINO(PretrainMethod):
                   ("Caron", "Touvron", "Misra", "Jégou", "Mairal", "Bojanowski", "Joulin"), 2021, "ICCV",
                   "https://arxiv.org/abs/2104.14294")
     supervision = Supervision.SELF_DISTILLATION
-    config_sections = {"dino": DINOSection, "augment": AugmentSection}
+    config_sections = {"dino": DINOSection, "augment": AugmentSection, "metadata_heads": MetadataHeadsSection}
     preview_name = "dino_views"
 
     def __init__(self, cfg: dict, store=None):
@@ -101,6 +103,8 @@ class DINO(PretrainMethod):
         self.teacher = copy.deepcopy(self.encoder)  # keeps radpretrain_arch / radpretrain_kwargs
         deactivate_requires_grad(self.teacher)
         deactivate_requires_grad(self.teacher_head)
+        self.metadata_heads = MetadataHeads.from_section(cfg, store, dim)
+        self.metadata_weight = float(get(cfg, "metadata_heads.weight", 0.0) or 0.0)
 
         self.momentum_teacher = float(get(cfg, "dino.momentum_teacher", 0.996))
         self.teacher_temp = float(get(cfg, "dino.teacher_temp", 0.04))
@@ -135,7 +139,11 @@ class DINO(PretrainMethod):
         # one backbone pass per resolution (BatchNorm statistics per resolution, as in the paper)
         feats = [self.encoder(self.normalize(torch.cat(v))) for v in (glob, loc) if v]
         s = self.head(torch.cat(feats))
-        return self.criterion(list(t.split(b)), list(s.split(b)), epoch=self.current_epoch)
+        loss = self.criterion(list(t.split(b)), list(s.split(b)), epoch=self.current_epoch)
+        if self.metadata_heads is None:
+            return loss
+        return add_metadata_loss(loss, self.metadata_heads, self.metadata_weight, feats[0],
+                                 torch.as_tensor(batch["index"]).repeat(2))
 
     # -- teacher: EMA of the student after each optimiser step ---------------
     def momentum(self, step: int | None = None) -> float:
@@ -184,4 +192,6 @@ class DINO(PretrainMethod):
         meta["dino"] = {"exported": "teacher", "output_dim": self.output_dim, "n_local": self.n_local,
                         "local_size": self.local_size, "teacher_temp": self.teacher_temp,
                         "momentum_teacher": self.momentum_teacher}
+        if self.metadata_heads is not None:
+            meta["metadata"] = {**self.metadata_heads.describe(), "weight": self.metadata_weight}
         return meta

@@ -81,6 +81,112 @@ class MetadataSection:
     head_weights: dict = field(default_factory=dict)
 
 
+@dataclass
+class MetadataHeadsSection:
+    """``metadata_heads:`` of a method that adds this objective to its own (SimCLR, DINO):
+    ``weight`` times the heads' summed cross-entropies joins the method's loss; 0 turns it off."""
+
+    weight: float = field(default=0.0, metadata={"ge": 0.0, "help": "a weight >= 0 (0: no metadata heads)"})
+    heads: list[str] = field(default_factory=lambda: ["body_part", "age", "sex", "view"])
+    age_bins: list[float] | None = field(default=None, metadata={"help": "ascending bin edges in years, or null"})
+    drop_values: list = field(default_factory=list)
+    head_weights: dict = field(default_factory=dict)
+
+
+def store_of(cfg: dict, store, who: str) -> Store:
+    """``store``, or the store at ``data.root`` (a method built outside the engine)."""
+    if store is not None:
+        return store
+    root = get(cfg, "data.root")
+    if not root:
+        raise UserError(f"{who} needs the dataset store (data.root)")
+    return Store(root)
+
+
+class MetadataHeads(nn.ModuleDict):
+    """One linear head per manifest field over pooled encoder features, and their masked loss.
+
+    The labels of every store row are built once (:func:`build_vocabularies`); a batch's rows are
+    looked up by its ``index``.  Used by :class:`MetadataSupervised` as its whole objective and by
+    other methods (``metadata_heads.weight > 0``) as an extra one on their own features.
+    """
+
+    def __init__(self, images, dim: int, heads, age_bins=None, drop_values=(), dropout: float = 0.0,
+                 head_weights: dict | None = None):
+        vocab, labels = build_vocabularies(images, list(heads), age_bins, drop_values or [])
+        clash = [h for h in vocab if hasattr(MetadataHeads, h)]
+        if clash:
+            raise UserError(f"metadata head name(s) {clash} clash with the heads module's own attributes: rename "
+                            "the manifest column")
+        super().__init__({h: nn.Linear(dim, len(v)) for h, v in vocab.items()})
+        self.vocab = vocab
+        self.head_names = list(vocab)
+        self.age_bins = list(age_bins or DEFAULT_AGE_BINS)
+        # a plain CPU tensor, not a buffer: DDP would broadcast a buffer (N x heads) at every step
+        self.labels = torch.from_numpy(labels)
+        self.dropout = float(dropout)
+        weights = head_weights or {}
+        self.head_weights = {h: float(weights.get(h, 1.0)) for h in vocab}
+
+    @classmethod
+    def from_section(cls, cfg: dict, store, dim: int, section: str = "metadata_heads") -> "MetadataHeads | None":
+        """The heads of a method's ``metadata_heads:`` section, or None when its weight is 0."""
+        if float(get(cfg, f"{section}.weight", 0.0) or 0.0) <= 0:
+            return None
+        store = store_of(cfg, store, f"{section}.weight > 0")
+        return cls(store.images, dim, get(cfg, f"{section}.heads", ["body_part", "age", "sex", "view"]),
+                   get(cfg, f"{section}.age_bins"), get(cfg, f"{section}.drop_values", []) or [],
+                   head_weights=get(cfg, f"{section}.head_weights", {}) or {})
+
+    def batch_labels(self, index, device) -> torch.Tensor:
+        """Labels ``[B, heads]`` (-1 = unknown) of the store rows ``index``."""
+        idx = index if isinstance(index, torch.Tensor) else torch.as_tensor(index)
+        return self.labels[idx.cpu().long()].to(device)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = F.dropout(features, self.dropout, self.training) if self.dropout else features
+        return {h: self[h](f) for h in self.head_names}
+
+    def loss(self, features: torch.Tensor, index) -> dict[str, torch.Tensor]:
+        """``{"loss": weighted sum, "loss_<head>": ..., "acc_<head>": ...}`` over the known labels of
+        the rows ``index`` (one per row of ``features``)."""
+        logits = self(features)
+        y = self.batch_labels(index, features.device)
+        out = {}
+        total = features.new_zeros((), dtype=torch.float32)
+        for j, h in enumerate(self.head_names):
+            yh = y[:, j]
+            known = yh >= 0
+            if known.any():
+                lh = F.cross_entropy(logits[h].float(), yh.clamp_min(0), reduction="none")
+                lh = (lh * known).sum() / known.sum()
+                out[f"acc_{h}"] = ((logits[h].argmax(1) == yh) & known).sum().float() / known.sum()
+            else:  # keep the graph connected (DDP) with a zero loss
+                lh = logits[h].sum() * 0.0
+            total = total + self.head_weights[h] * lh
+            out[f"loss_{h}"] = lh.detach()
+        out["loss"] = total
+        return out
+
+    def describe(self) -> dict:
+        """What ``encoder.json`` records: each head's classes and the age bins."""
+        return {"heads": {h: list(v) for h, v in self.vocab.items()}, "age_bins": list(self.age_bins)}
+
+
+def add_metadata_loss(out, heads: MetadataHeads | None, weight: float, features: torch.Tensor, index) -> dict:
+    """A method's loss (tensor or dict) plus ``weight`` x the metadata heads' loss on ``features``
+    (rows matching ``index``); the parts are logged as ``<method>_loss`` and ``metadata_*``."""
+    out = dict(out) if isinstance(out, dict) else {"loss": out}
+    if heads is None:
+        return out
+    meta = heads.loss(features, index)
+    own = out["loss"]
+    out["loss"] = own + weight * meta["loss"]
+    out["own_loss"] = own.detach()
+    out.update({f"metadata_{k}": v.detach() for k, v in meta.items()})
+    return out
+
+
 @register("metadata")
 class MetadataSupervised(PretrainMethod):
     """Multi-head classification of manifest fields; config keys under ``metadata.``."""
@@ -93,61 +199,28 @@ class MetadataSupervised(PretrainMethod):
 
     def __init__(self, cfg: dict, store=None):
         super().__init__(cfg, store)
-        if store is None:
-            root = get(cfg, "data.root")
-            if not root:
-                raise UserError("metadata method needs the dataset store (data.root)")
-            store = Store(root)
-            self.store = store
-        heads = list(get(cfg, "metadata.heads", ["body_part", "age", "sex", "view"]))
-        vocab, labels = build_vocabularies(store.images, heads, get(cfg, "metadata.age_bins"),
-                                           get(cfg, "metadata.drop_values", []) or [])
-        self.vocab = vocab
-        self.head_names = list(vocab)
-        # a plain CPU tensor, not a buffer: DDP would broadcast a buffer (N x heads) at every step
-        self.labels = torch.from_numpy(labels)
+        self.store = store = store_of(cfg, store, "metadata method")
         self.build_encoder()
-        dim = self.encoder.num_features
-        self.dropout = nn.Dropout(float(get(cfg, "metadata.dropout", 0.0)))
-        self.heads = nn.ModuleDict({h: nn.Linear(dim, len(v)) for h, v in vocab.items()})
-        weights = get(cfg, "metadata.head_weights", {}) or {}
-        self.head_weights = {h: float(weights.get(h, 1.0)) for h in vocab}
+        self.heads = MetadataHeads(store.images, self.encoder.num_features,
+                                   get(cfg, "metadata.heads", ["body_part", "age", "sex", "view"]),
+                                   get(cfg, "metadata.age_bins"), get(cfg, "metadata.drop_values", []) or [],
+                                   dropout=float(get(cfg, "metadata.dropout", 0.0)),
+                                   head_weights=get(cfg, "metadata.head_weights", {}) or {})
+        self.vocab, self.head_names = self.heads.vocab, self.heads.head_names
         aug = get(cfg, "augment", {}) or {}
         self.augment = GreyAugment.from_config(aug) if aug.get("enabled", True) and aug else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.dropout(self.encoder(self.normalize(x)))
-        return {h: head(f) for h, head in self.heads.items()}
+        return self.heads(self.encoder(self.normalize(x)))
 
     def batch_labels(self, batch) -> torch.Tensor:
-        idx = batch["index"]
-        idx = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx)
-        return self.labels[idx.cpu().long()].to(self.device)
+        return self.heads.batch_labels(batch["index"], self.device)
 
     def compute_loss(self, batch, batch_idx):
         img = batch["image"]
         if self.training and self.augment is not None:
             img = self.augment(img, self.step_generator(batch_idx))
-        logits = self(img)
-        y = self.batch_labels(batch)
-        out = {}
-        total = img.new_zeros(())
-        for j, h in enumerate(self.head_names):
-            yh = y[:, j]
-            known = yh >= 0
-            if known.any():
-                lh = F.cross_entropy(logits[h].float(), yh.clamp_min(0), reduction="none")
-                lh = (lh * known).sum() / known.sum()
-                acc = ((logits[h].argmax(1) == yh) & known).sum().float() / known.sum()
-            else:  # keep the graph connected (DDP) with a zero loss
-                lh = logits[h].sum() * 0.0
-                acc = None
-            total = total + self.head_weights[h] * lh
-            out[f"loss_{h}"] = lh.detach()
-            if acc is not None:
-                out[f"acc_{h}"] = acc
-        out["loss"] = total
-        return out
+        return self.heads.loss(self.encoder(self.normalize(img)), batch["index"])
 
     def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
         """Rows: input and, with augmentation on, its augmented view."""
@@ -156,6 +229,5 @@ class MetadataSupervised(PretrainMethod):
 
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()
-        meta["metadata"] = {"heads": {h: list(v) for h, v in self.vocab.items()},
-                            "age_bins": list(get(self.cfg, "metadata.age_bins", DEFAULT_AGE_BINS) or DEFAULT_AGE_BINS)}
+        meta["metadata"] = self.heads.describe()
         return meta

@@ -9,6 +9,10 @@ rotation, optional horizontal flip, brightness / contrast / gamma, Gaussian blur
 and Gaussian noise.  They run batched in torch on the training device
 (:class:`radpretrain.transforms.ViewPair`), drawing from the step's seeded generator, so a
 resumed run sees the same views as an uninterrupted one.
+
+With ``metadata_heads.weight > 0`` the archive's metadata heads
+(:class:`~radpretrain.methods.metadata.MetadataHeads`: body part, age, sex, view) are trained on
+the encoder features of both views as well, and their weighted loss joins NT-Xent.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 from radpretrain.config import get
 from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
+from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection, add_metadata_loss
 from radpretrain.transforms import SimCLRAugmentSection, ViewPair
 
 
@@ -38,7 +43,7 @@ class SimCLR(PretrainMethod):
     paper = Paper("A Simple Framework for Contrastive Learning of Visual Representations",
                   ("Chen", "Kornblith", "Norouzi", "Hinton"), 2020, "ICML", "https://arxiv.org/abs/2002.05709")
     supervision = Supervision.CONTRASTIVE
-    config_sections = {"simclr": SimCLRSection, "augment": SimCLRAugmentSection}
+    config_sections = {"simclr": SimCLRSection, "augment": SimCLRAugmentSection, "metadata_heads": MetadataHeadsSection}
     preview_name = "simclr_views"
 
     def __init__(self, cfg: dict, store=None):
@@ -53,6 +58,8 @@ class SimCLR(PretrainMethod):
         self.temperature = float(get(cfg, "simclr.temperature", 0.1))
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
         self.pair = ViewPair(get(cfg, "augment", {}) or {})
+        self.metadata_heads = MetadataHeads.from_section(cfg, store, dim)
+        self.metadata_weight = float(get(cfg, "metadata_heads.weight", 0.0) or 0.0)
 
     def views(self, img: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pair(img, g)
@@ -61,9 +68,12 @@ class SimCLR(PretrainMethod):
         g = self.step_generator(batch_idx)
         v1, v2 = self.views(batch["image"], g)
         x = self.normalize(torch.cat([v1, v2], dim=0))
-        z = self.head(self.encoder(x))
-        z1, z2 = z.chunk(2, dim=0)
-        return self.criterion(z1, z2)
+        f = self.encoder(x)
+        z1, z2 = self.head(f).chunk(2, dim=0)
+        loss = self.criterion(z1, z2)
+        if self.metadata_heads is None:
+            return loss
+        return add_metadata_loss(loss, self.metadata_heads, self.metadata_weight, f, torch.as_tensor(batch["index"]).repeat(2))
 
     def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
         """Rows: input, first view, second view."""
@@ -76,4 +86,6 @@ class SimCLR(PretrainMethod):
     def encoder_meta(self) -> dict:
         meta = super().encoder_meta()
         meta["simclr"] = {"temperature": self.temperature}
+        if self.metadata_heads is not None:
+            meta["metadata"] = {**self.metadata_heads.describe(), "weight": self.metadata_weight}
         return meta
