@@ -155,3 +155,17 @@ def test_a_head_named_like_a_module_attribute_is_refused():
 
     with pytest.raises(UserError, match="clash"):
         MetadataHeads(df, 8, ["loss", "body_part"])
+
+
+def test_metadata_heads_on_an_archive_without_metadata_are_left_out(store, caplog):
+    # one body part, nothing else known: the extra objective is skipped with a warning, not an error
+    from radpretrain.methods.simclr import SimCLR
+
+    one_part = store.images.assign(body_part="knee", sex="unknown", view="unknown", age_years=np.nan)
+    fake = type("S", (), {"images": one_part})()
+    with caplog.at_level("WARNING"):
+        m = SimCLR({**SIMCLR, "metadata_heads": {"weight": 0.5, "heads": ["body_part", "age"]}}, fake)
+    assert m.metadata_heads is None and "training without them" in caplog.text
+    assert torch.is_tensor(m.compute_loss(_batch(store), 0))
+    with pytest.raises(UserError, match="none of the heads"):  # the metadata method itself needs them
+        MetadataSupervised(CFG, fake)

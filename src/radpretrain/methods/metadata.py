@@ -38,6 +38,10 @@ UNKNOWN = {"", "unknown", "nan", "none", "na", "n/a"}
 DEFAULT_AGE_BINS = [0, 2, 12, 18, 40, 65, 200]
 
 
+class NoMetadataError(UserError):
+    """No requested manifest field has two known values in the store."""
+
+
 def build_vocabularies(images, heads, age_bins=None, drop_values=()) -> tuple[dict, np.ndarray]:
     """Vocabularies ``{head: [class names]}`` and labels ``int64 [N, H]`` (-1 = unknown) for ``images``."""
     age_bins = list(age_bins or DEFAULT_AGE_BINS)
@@ -68,7 +72,7 @@ def build_vocabularies(images, heads, age_bins=None, drop_values=()) -> tuple[di
         vocab[head] = names
         cols.append(lab)
     if not vocab:
-        raise UserError(f"metadata: none of the heads {list(heads)} has at least two known values in the store")
+        raise NoMetadataError(f"metadata: none of the heads {list(heads)} has at least two known values in the store")
     return vocab, np.stack(cols, axis=1)
 
 
@@ -130,13 +134,21 @@ class MetadataHeads(nn.ModuleDict):
 
     @classmethod
     def from_section(cls, cfg: dict, store, dim: int, section: str = "metadata_heads") -> "MetadataHeads | None":
-        """The heads of a method's ``metadata_heads:`` section, or None when its weight is 0."""
+        """The heads of a method's ``metadata_heads:`` section, or None when its weight is 0 or when
+        no head has two known values in this store (an archive of one body part, no ages: the
+        method then trains on its own objective alone, and says so in the log)."""
         if float(get(cfg, f"{section}.weight", 0.0) or 0.0) <= 0:
             return None
         store = store_of(cfg, store, f"{section}.weight > 0")
-        return cls(store.images, dim, get(cfg, f"{section}.heads", ["body_part", "age", "sex", "view"]),
-                   get(cfg, f"{section}.age_bins"), get(cfg, f"{section}.drop_values", []) or [],
-                   head_weights=get(cfg, f"{section}.head_weights", {}) or {})
+        heads = list(get(cfg, f"{section}.heads", ["body_part", "age", "sex", "view"]))
+        try:
+            return cls(store.images, dim, heads, get(cfg, f"{section}.age_bins"),
+                       get(cfg, f"{section}.drop_values", []) or [],
+                       head_weights=get(cfg, f"{section}.head_weights", {}) or {})
+        except NoMetadataError:
+            log.warning("%s: none of the heads %s has two known values in this store; training without them",
+                        section, heads)
+            return None
 
     def batch_labels(self, index, device) -> torch.Tensor:
         """Labels ``[B, heads]`` (-1 = unknown) of the store rows ``index``."""
