@@ -40,7 +40,7 @@ from torch import nn
 from radpretrain.config import get
 from radpretrain.errors import UserError
 from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
-from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection, add_metadata_loss
+from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection
 from radpretrain.settings import probability
 from radpretrain.transforms import AugmentSection, GreyAugment
 
@@ -104,7 +104,6 @@ class DINO(PretrainMethod):
         deactivate_requires_grad(self.teacher)
         deactivate_requires_grad(self.teacher_head)
         self.metadata_heads = MetadataHeads.from_section(cfg, store, dim)
-        self.metadata_weight = float(get(cfg, "metadata_heads.weight", 0.0) or 0.0)
 
         self.momentum_teacher = float(get(cfg, "dino.momentum_teacher", 0.996))
         self.teacher_temp = float(get(cfg, "dino.teacher_temp", 0.04))
@@ -142,8 +141,7 @@ class DINO(PretrainMethod):
         loss = self.criterion(list(t.split(b)), list(s.split(b)), epoch=self.current_epoch)
         if self.metadata_heads is None:
             return loss
-        return add_metadata_loss(loss, self.metadata_heads, self.metadata_weight, feats[0],
-                                 torch.as_tensor(batch["index"]).repeat(2))
+        return self.metadata_heads.join(loss, feats[0], torch.as_tensor(batch["index"]).repeat(2))
 
     # -- teacher: EMA of the student after each optimiser step ---------------
     def momentum(self, step: int | None = None) -> float:
@@ -193,5 +191,5 @@ class DINO(PretrainMethod):
                         "local_size": self.local_size, "teacher_temp": self.teacher_temp,
                         "momentum_teacher": self.momentum_teacher}
         if self.metadata_heads is not None:
-            meta["metadata"] = {**self.metadata_heads.describe(), "weight": self.metadata_weight}
+            meta["metadata"] = self.metadata_heads.describe()
         return meta

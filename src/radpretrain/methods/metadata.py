@@ -116,7 +116,7 @@ class MetadataHeads(nn.ModuleDict):
     """
 
     def __init__(self, images, dim: int, heads, age_bins=None, drop_values=(), dropout: float = 0.0,
-                 head_weights: dict | None = None):
+                 head_weights: dict | None = None, weight: float = 1.0):
         vocab, labels = build_vocabularies(images, list(heads), age_bins, drop_values or [])
         clash = [h for h in vocab if hasattr(MetadataHeads, h)]
         if clash:
@@ -131,6 +131,7 @@ class MetadataHeads(nn.ModuleDict):
         self.dropout = float(dropout)
         weights = head_weights or {}
         self.head_weights = {h: float(weights.get(h, 1.0)) for h in vocab}
+        self.weight = float(weight)  # of the whole heads' loss beside another method's (join)
 
     @classmethod
     def from_section(cls, cfg: dict, store, dim: int, section: str = "metadata_heads") -> "MetadataHeads | None":
@@ -144,7 +145,8 @@ class MetadataHeads(nn.ModuleDict):
         try:
             return cls(store.images, dim, heads, get(cfg, f"{section}.age_bins"),
                        get(cfg, f"{section}.drop_values", []) or [],
-                       head_weights=get(cfg, f"{section}.head_weights", {}) or {})
+                       head_weights=get(cfg, f"{section}.head_weights", {}) or {},
+                       weight=float(get(cfg, f"{section}.weight")))
         except NoMetadataError:
             log.warning("%s: none of the heads %s has two known values in this store; training without them",
                         section, heads)
@@ -180,23 +182,18 @@ class MetadataHeads(nn.ModuleDict):
         out["loss"] = total
         return out
 
-    def describe(self) -> dict:
-        """What ``encoder.json`` records: each head's classes and the age bins."""
-        return {"heads": {h: list(v) for h, v in self.vocab.items()}, "age_bins": list(self.age_bins)}
-
-
-def add_metadata_loss(out, heads: MetadataHeads | None, weight: float, features: torch.Tensor, index) -> dict:
-    """A method's loss (tensor or dict) plus ``weight`` x the metadata heads' loss on ``features``
-    (rows matching ``index``); the parts are logged as ``<method>_loss`` and ``metadata_*``."""
-    out = dict(out) if isinstance(out, dict) else {"loss": out}
-    if heads is None:
+    def join(self, own_loss: torch.Tensor, features: torch.Tensor, index) -> dict[str, torch.Tensor]:
+        """Another method's loss plus ``weight`` x these heads' loss on ``features`` (one row per entry
+        of ``index``): ``{"loss", "own_loss", "metadata_loss", "metadata_loss_<head>", ...}`` to log."""
+        meta = self.loss(features, index)
+        out = {"loss": own_loss + self.weight * meta["loss"], "own_loss": own_loss.detach()}
+        out.update({f"metadata_{k}": v.detach() for k, v in meta.items()})
         return out
-    meta = heads.loss(features, index)
-    own = out["loss"]
-    out["loss"] = own + weight * meta["loss"]
-    out["own_loss"] = own.detach()
-    out.update({f"metadata_{k}": v.detach() for k, v in meta.items()})
-    return out
+
+    def describe(self) -> dict:
+        """What ``encoder.json`` records: each head's classes, the age bins and the loss weight."""
+        return {"heads": {h: list(v) for h, v in self.vocab.items()}, "age_bins": list(self.age_bins),
+                "weight": self.weight}
 
 
 @register("metadata")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from radpretrain.config import get
 from radpretrain.methods.base import Paper, PretrainMethod, Supervision, register
-from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection, add_metadata_loss
+from radpretrain.methods.metadata import MetadataHeads, MetadataHeadsSection
 from radpretrain.transforms import SimCLRAugmentSection, ViewPair
 
 
@@ -59,7 +59,6 @@ class SimCLR(PretrainMethod):
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
         self.pair = ViewPair(get(cfg, "augment", {}) or {})
         self.metadata_heads = MetadataHeads.from_section(cfg, store, dim)
-        self.metadata_weight = float(get(cfg, "metadata_heads.weight", 0.0) or 0.0)
 
     def views(self, img: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pair(img, g)
@@ -73,7 +72,7 @@ class SimCLR(PretrainMethod):
         loss = self.criterion(z1, z2)
         if self.metadata_heads is None:
             return loss
-        return add_metadata_loss(loss, self.metadata_heads, self.metadata_weight, f, torch.as_tensor(batch["index"]).repeat(2))
+        return self.metadata_heads.join(loss, f, torch.as_tensor(batch["index"]).repeat(2))
 
     def preview_rows(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
         """Rows: input, first view, second view."""
@@ -87,5 +86,5 @@ class SimCLR(PretrainMethod):
         meta = super().encoder_meta()
         meta["simclr"] = {"temperature": self.temperature}
         if self.metadata_heads is not None:
-            meta["metadata"] = {**self.metadata_heads.describe(), "weight": self.metadata_weight}
+            meta["metadata"] = self.metadata_heads.describe()
         return meta
