@@ -77,24 +77,26 @@ def build_vocabularies(images, heads, age_bins=None, drop_values=()) -> tuple[di
 
 
 @dataclass
-class MetadataSection:
+class HeadsFields:
+    """The keys that choose and weigh the heads, shared by ``metadata:`` and ``metadata_heads:``."""
+
     heads: list[str] = field(default_factory=lambda: ["body_part", "age", "sex", "view"])
     age_bins: list[float] | None = field(default=None, metadata={"help": "ascending bin edges in years, or null"})
     drop_values: list = field(default_factory=list)
-    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
     head_weights: dict = field(default_factory=dict)
 
 
 @dataclass
-class MetadataHeadsSection:
+class MetadataSection(HeadsFields):
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+
+
+@dataclass
+class MetadataHeadsSection(HeadsFields):
     """``metadata_heads:`` of a method that adds this objective to its own (SimCLR, DINO):
     ``weight`` times the heads' summed cross-entropies joins the method's loss; 0 turns it off."""
 
     weight: float = field(default=0.0, metadata={"ge": 0.0, "help": "a weight >= 0 (0: no metadata heads)"})
-    heads: list[str] = field(default_factory=lambda: ["body_part", "age", "sex", "view"])
-    age_bins: list[float] | None = field(default=None, metadata={"help": "ascending bin edges in years, or null"})
-    drop_values: list = field(default_factory=list)
-    head_weights: dict = field(default_factory=dict)
 
 
 def store_of(cfg: dict, store, who: str) -> Store:
