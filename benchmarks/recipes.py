@@ -157,6 +157,9 @@ recipe("dino_frozenbn", "dino", "dino_cpu", "model.freeze_bn_stats=true", cost_a
        note="DINO, BatchNorm keeps the ImageNet statistics")
 recipe("dino_fix", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0", cost_as="dino_cpu",
        note="DINO, frozen BN statistics, student head's last layer trains from step 0 (preset: 1 epoch = 184 steps here)")
+recipe("dino_meta", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0",
+       "metadata_heads.weight=0.5", "metadata_heads.heads=[body_part]", cost_as="dino_cpu",
+       note="dino_fix + the metadata heads (body part), weight 0.5, as in fbn_meta")
 
 
 def backbone_of(name: str) -> str:
