@@ -125,6 +125,7 @@ recipe("simclr_lite2", "simclr", "simclr_cpu", "model.backbone=tf_efficientnet_l
 # frozen-BatchNorm SimCLR family (after screen 1: simclr_frozenbn was the first recipe clearly above ImageNet on
 # the development knee folds); screened at simclr_cpu's step count, so the comparisons are at equal steps
 FBN = ("model.freeze_bn_stats=true",)
+META = ("metadata_heads.weight=0.5", "metadata_heads.heads=[body_part]")  # the body-part head (all this archive knows)
 GEO = ("augment.brightness=0.0", "augment.contrast=0.0", "augment.gamma=[1.0,1.0]", "augment.blur_p=0.0")
 # the same settings with their own cost per step (frozen statistics make a step ~30 % cheaper): for the
 # 15-minute runs, so a budget is what the recipe itself can do in it
@@ -133,7 +134,7 @@ recipe("fbn_lite1", "simclr", "simclr_cpu", *FBN, "model.backbone=tf_efficientne
        note="fbn from the lite1 ImageNet start, own calibration")
 recipe("fbn_lr1e4", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-4", cost_as="fbn",
        note="simclr_cpu + frozen BatchNorm statistics + lr 1e-4, own calibration")
-recipe("fbn_meta", "simclr", "simclr_cpu", *FBN, "metadata_heads.weight=0.5", "metadata_heads.heads=[body_part]",
+recipe("fbn_meta", "simclr", "simclr_cpu", *FBN, *META,
        cost_as="fbn", note="fbn + the metadata heads (this archive knows only the body part), weight 0.5")
 recipe("sf_geo", "simclr", "simclr_cpu", *FBN, *GEO, cost_as="simclr_cpu", note="frozen BN + geometric views only")
 recipe("sf_lr1e3", "simclr", "simclr_cpu", *FBN, "optim.lr=1.0e-3", cost_as="simclr_cpu", note="frozen BN + lr 1e-3")
@@ -157,8 +158,8 @@ recipe("dino_frozenbn", "dino", "dino_cpu", "model.freeze_bn_stats=true", cost_a
        note="DINO, BatchNorm keeps the ImageNet statistics")
 recipe("dino_fix", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0", cost_as="dino_cpu",
        note="DINO, frozen BN statistics, student head's last layer trains from step 0 (preset: 1 epoch = 184 steps here)")
-recipe("dino_meta", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0",
-       "metadata_heads.weight=0.5", "metadata_heads.heads=[body_part]", cost_as="dino_cpu",
+recipe("dino_meta", "dino", "dino_cpu", "model.freeze_bn_stats=true", "dino.freeze_last_layer=0", *META,
+       cost_as="dino_cpu",
        note="dino_fix + the metadata heads (body part), weight 0.5, as in fbn_meta")
 
 
